@@ -1,0 +1,296 @@
+"""Study configuration: load, fill defaults, validate, and expand into runs and jobs.
+
+The JSON Schema (``schemas/config.schema.yaml``, also ``config/schema/``) fixes the shape of
+the config; sections that configure a library component (data builders, model architecture,
+training settings, methods) are then checked field by field by that component's dataclass.
+Every error is a :class:`ConfigError` naming the key path and the offending value, raised
+while Snakemake parses the workflow, so no job starts on a bad config.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_FILE = "config.schema.yaml"
+
+#: Token datasets the pipeline can build: name -> (data file under results/data, regime).
+#: IFT datasets use the record's ``prompt`` and ``response``; CPT ones its ``text``.
+DATASETS: dict[str, tuple[str, str]] = {
+    "source": ("source/train.jsonl", "cpt"),
+    "math_generic": ("math/generic.jsonl", "cpt"),
+    "math_cpt": ("math/train.jsonl", "cpt"),
+    "math_ift": ("math/train.jsonl", "ift"),
+    "code_cpt": ("code/train.jsonl", "cpt"),
+    "code_ift": ("code/train.jsonl", "ift"),
+}
+
+#: The prompt/response rendering of each domain's IFT records. It must match the
+#: evaluation tasks' ``doc_to_text`` / ``doc_to_target`` (see learnforget/tasks/).
+IFT_TEMPLATES: dict[str, tuple[str, str]] = {
+    "math": ("Question: {question}\nAnswer:", " {answer}"),
+    "code": ("{prompt}", "{response}"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path that caused it."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"config error at '{path}': {message}" if path else f"config error: {message}")
+
+
+def load_schema() -> dict:
+    text = resources.files("learnforget").joinpath("schemas", SCHEMA_FILE).read_text()
+    return yaml.safe_load(text)
+
+
+def _extend_with_default(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if "default" in sub and prop not in instance:
+                    instance[prop] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultFiller = _extend_with_default(jsonschema.Draft202012Validator)
+
+
+def _path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def validate_schema(cfg: dict) -> dict:
+    """Fill defaults and validate against the JSON Schema; returns the filled config."""
+    cfg = copy.deepcopy(cfg) if cfg is not None else {}
+    if not isinstance(cfg, dict):
+        raise ConfigError("", f"the config must be a mapping, got {type(cfg).__name__}")
+    validator = _DefaultFiller(load_schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if errors:
+        err = errors[0]
+        where = _path(err.absolute_path)
+        msg = err.message
+        if err.validator == "additionalProperties":
+            msg = f"unknown key(s): {msg.split('(')[-1].rstrip(')')}" if "(" in msg else msg
+        raise ConfigError(where, msg)
+    return cfg
+
+
+def format_duration(value: float) -> str:
+    """Canonical label of a duration: ``4`` for 4.0, ``0.5`` for 0.5, ``1000000`` for 1e6."""
+    value = float(value)
+    if value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finetuning run, fully resolved from the config."""
+
+    name: str
+    domain: str
+    regime: str
+    method_name: str
+    method: dict
+    train: dict
+    seed: int
+    durations: tuple[float, ...]
+    unit: str
+    dataset: str
+    labels: tuple[str, ...] = field(default=())
+
+    def duration_value(self, label: str) -> float:
+        return self.durations[self.labels.index(label)]
+
+    def previous(self, label: str) -> str | None:
+        """The duration this one continues from, or None when it starts from the base."""
+        i = self.labels.index(label)
+        if i == 0 or not self.continues:
+            return None
+        return self.labels[i - 1]
+
+    @property
+    def continues(self) -> bool:
+        from learnforget.schedules import length_independent
+
+        return length_independent(self.train.get("schedule", "constant"))
+
+    @property
+    def is_adapter(self) -> bool:
+        from learnforget.methods import method_from_dict
+
+        return method_from_dict(self.method).is_adapter
+
+    def train_params(self, label: str) -> dict:
+        """Everything a train job's result depends on (Snakemake reruns it when this changes)."""
+        return {
+            "run": self.name,
+            "domain": self.domain,
+            "regime": self.regime,
+            "method": self.method,
+            "train": self.train,
+            "seed": self.seed,
+            "unit": self.unit,
+            "duration": self.duration_value(label),
+            "previous": self.previous(label),
+        }
+
+    def meta(self) -> dict:
+        return {"run": self.name, "method": self.method_name, "method_type": self.method["type"],
+                "domain": self.domain, "regime": self.regime, "seed": self.seed,
+                "rank": self.method.get("rank")}
+
+
+def _check_component(path: str, fn, *args):
+    try:
+        return fn(*args)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(path, str(exc).strip("'\"")) from exc
+
+
+def expand_runs(cfg: dict) -> list[Run]:
+    runs = []
+    for i, r in enumerate(cfg["runs"]):
+        durations = r.get("durations", cfg["durations"]["values"])
+        unit = r.get("unit", cfg["durations"]["unit"])
+        train = {**cfg.get("finetune", {}), **r.get("train", {})}
+        labels = tuple(format_duration(d) for d in durations)
+        runs.append(
+            Run(
+                name=r["name"], domain=r["domain"], regime=r["regime"], method_name=r["method"],
+                method=dict(cfg["methods"].get(r["method"], {})), train=train, seed=r["seed"],
+                durations=tuple(float(d) for d in durations), unit=unit,
+                dataset=f"{r['domain']}_{r['regime']}", labels=labels,
+            )
+        )
+    return runs
+
+
+def check(cfg: dict) -> None:
+    """Cross-field checks and component validation (after the schema)."""
+    from learnforget import data as data_mod
+    from learnforget.methods import method_from_dict
+    from learnforget.train import TrainConfig
+
+    for key, cls in (("source", data_mod.SourceConfig), ("math", data_mod.MathConfig), ("code", data_mod.CodeConfig)):
+        _check_component(f"data.{key}", data_mod.from_dict, cls, cfg["data"][key])
+    _check_component("base.train", TrainConfig.from_dict, cfg["base"]["train"])
+    _check_component("finetune", TrainConfig.from_dict, cfg["finetune"])
+    for name in cfg["base"]["mix"]:
+        if name not in DATASETS:
+            raise ConfigError(f"base.mix.{name}", f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+    if not any(w > 0 for w in cfg["base"]["mix"].values()):
+        raise ConfigError("base.mix", "at least one dataset needs a positive weight")
+
+    hidden = cfg["model"].get("hidden_size")
+    for name, m in cfg["methods"].items():
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+            raise ConfigError(f"methods.{name}", "method names must be filesystem-safe")
+        method = _check_component(f"methods.{name}", method_from_dict, m)
+        rank = getattr(method, "rank", None)
+        if rank is not None and hidden is not None and rank >= hidden:
+            raise ConfigError(f"methods.{name}.rank", f"rank {rank} must be below the model width {hidden}")
+
+    seen: dict[str, int] = {}
+    for i, r in enumerate(cfg["runs"]):
+        where = f"runs[{i}]"
+        if r["name"] == "base":
+            raise ConfigError(f"{where}.name", "'base' is reserved for the base model")
+        if r["name"] in seen:
+            raise ConfigError(f"{where}.name", f"duplicate run name {r['name']!r} (also runs[{seen[r['name']]}])")
+        seen[r["name"]] = i
+        if r["method"] not in cfg["methods"]:
+            raise ConfigError(f"{where}.method", f"unknown method {r['method']!r}; defined: {sorted(cfg['methods'])}")
+        if r["domain"] == "math" and r["regime"] not in ("ift", "cpt"):
+            raise ConfigError(f"{where}.regime", f"unsupported regime {r['regime']!r}")
+        _check_component(f"{where}.train", TrainConfig.from_dict, {**cfg["finetune"], **r.get("train", {})})
+        durations = r.get("durations", cfg["durations"]["values"])
+        key = f"{where}.durations" if "durations" in r else "durations.values"
+        if any(not math.isfinite(d) or d <= 0 for d in durations):
+            raise ConfigError(key, f"durations must be positive, got {durations}")
+        if any(b <= a for a, b in zip(durations, durations[1:])):
+            raise ConfigError(key, f"durations must be strictly increasing, got {durations}")
+        labels = [format_duration(d) for d in durations]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(key, f"durations collide after formatting: {labels}")
+
+    from learnforget.evaluation import TASKS
+
+    tasks = cfg["evaluation"]["tasks"]
+    for j, t in enumerate(tasks):
+        if t not in TASKS:
+            raise ConfigError(f"evaluation.tasks[{j}]", f"unknown task {t!r}; known offline tasks: {sorted(TASKS)}")
+    for dom, (task, _metric) in cfg["evaluation"]["learning"].items():
+        if task not in tasks:
+            raise ConfigError(f"evaluation.learning.{dom}", f"task {task!r} is not in evaluation.tasks")
+    ftask = cfg["evaluation"]["forgetting"][0]
+    if ftask not in tasks:
+        raise ConfigError("evaluation.forgetting", f"task {ftask!r} is not in evaluation.tasks")
+    for t in cfg["evaluation"]["num_fewshot"]:
+        if t not in tasks:
+            raise ConfigError(f"evaluation.num_fewshot.{t}", f"task {t!r} is not in evaluation.tasks")
+
+
+def validate(cfg: dict) -> dict:
+    """Schema, defaults and cross-field checks; returns the filled config."""
+    cfg = validate_schema(cfg)
+    check(cfg)
+    return cfg
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError("", f"config file {path} not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
+    return validate(raw or {})
+
+
+def token_datasets(cfg: dict) -> list[str]:
+    """The token datasets the study needs: the base mix plus each run's (domain, regime)."""
+    names = {n for n, w in cfg["base"]["mix"].items() if w > 0}
+    names |= {r.dataset for r in expand_runs(cfg)}
+    return sorted(names)
+
+
+def eval_params(cfg: dict) -> dict:
+    """The evaluation settings (a change reruns evaluations only)."""
+    ev = cfg["evaluation"]
+    return {k: ev[k] for k in ("tasks", "batch_size", "limit", "num_fewshot")}
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def as_hashable(obj: Any) -> Any:
+    """Sorted, plain representation (stable params reprs for Snakemake)."""
+    if isinstance(obj, dict):
+        return {k: as_hashable(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [as_hashable(x) for x in obj]
+    return obj

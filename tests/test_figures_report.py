@@ -1,0 +1,253 @@
+"""Figures (data, files, skipping) and the generated report (findings from the numbers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from learnforget import figures as F
+from learnforget import report as R
+
+LEARNING = {"math": ("lf_math", "exact_match_strict-match"), "code": ("lf_code", "bits_per_byte")}
+FORGETTING = ("lf_facts", "acc")
+DURS = [1, 2, 4, 8]
+RUNS = ["math-full", "math-lora-r8", "code-full", "code-lora-r8"]
+
+
+def make_metrics(lora_forgets_less: bool = True, *, base_learning: bool = True) -> pd.DataFrame:
+    rows = []
+
+    def add(run, method, domain, regime, dur, task, metric, value, role, hib):
+        rows.append(dict(run=run, method=method, domain=domain, regime=regime, duration=dur, task=task,
+                         metric=metric, value=value, role=role, higher_is_better=hib, task_version=1))
+
+    if base_learning:
+        add("base", "base", "math", "base", 0, "lf_math", "exact_match_strict-match", 0.05, "learning", True)
+        add("base", "base", "code", "base", 0, "lf_code", "bits_per_byte", 2.0, "learning", False)
+    add("base", "base", "source", "base", 0, "lf_facts", "acc", 0.60, "forgetting", True)
+    add("base", "base", "source", "base", 0, "lf_facts", "acc_stderr", 0.01, "other", False)
+    for i, d in enumerate(reversed(DURS)):  # rows deliberately out of duration order
+        i = len(DURS) - 1 - i
+        add("math-full", "full", "math", "ift", d, "lf_math", "exact_match_strict-match", 0.10 + 0.08 * i, "learning", True)
+        add("math-lora-r8", "lora", "math", "ift", d, "lf_math", "exact_match_strict-match", 0.07 + 0.05 * i, "learning", True)
+        add("math-full", "full", "math", "ift", d, "lf_facts", "acc", 0.58 - 0.05 * i, "forgetting", True)
+        fl = (0.595 - 0.02 * i) if lora_forgets_less else (0.57 - 0.07 * i)
+        add("math-lora-r8", "lora", "math", "ift", d, "lf_facts", "acc", fl, "forgetting", True)
+        add("code-full", "full", "code", "cpt", d, "lf_code", "bits_per_byte", 1.8 - 0.15 * i, "learning", False)
+        add("code-lora-r8", "lora", "code", "cpt", d, "lf_code", "bits_per_byte", 1.9 - 0.08 * i, "learning", False)
+        add("code-full", "full", "code", "cpt", d, "lf_facts", "acc", 0.59 - 0.04 * i, "forgetting", True)
+        fl = (0.60 - 0.015 * i) if lora_forgets_less else (0.58 - 0.06 * i)
+        add("code-lora-r8", "lora", "code", "cpt", d, "lf_facts", "acc", fl, "forgetting", True)
+    return pd.DataFrame(rows)
+
+
+MODS = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
+        "gate_proj": (128, 64), "up_proj": (128, 64), "down_proj": (64, 128)}
+
+
+def make_spectral(n_layers: int = 3) -> pd.DataFrame:
+    rows = []
+    for run, method, r in (("math-full", "full", None), ("math-lora-r8", "lora", 8),
+                           ("code-full", "full", None), ("code-lora-r8", "lora", 8)):
+        for d in DURS:
+            for layer in range(n_layers):
+                for m, (o, i) in MODS.items():
+                    mr = min(o, i)
+                    rk = min(r, 3 + layer) if r else min(mr, 4 + 2 * d + layer)
+                    rows.append(dict(run=run, method=method, duration=d, layer=layer, module=m, shape=f"{o} x {i}",
+                                     rank90=rk, rank90_base=int(0.6 * mr), rank90_finetuned=int(0.6 * mr),
+                                     rank90_gaussian=int(0.52 * mr), effective_rank=1.3 * rk, max_rank=mr,
+                                     fraction=0.9, frob_norm=1.0, lora_rank=r))
+    return pd.DataFrame(rows)
+
+
+def _files_ok(files, out_dir):
+    assert sorted(Path(f).suffix for f in files) == [".pdf", ".png"]
+    for f in files:
+        assert Path(f).parent == Path(out_dir) and Path(f).stat().st_size > 1000
+    assert not [p for p in Path(out_dir).iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def test_tradeoff_data_and_files(tmp_path):
+    files, data = F.tradeoff(make_metrics(), tmp_path, learning=LEARNING, forgetting=FORGETTING, return_data=True)
+    _files_ok(files, tmp_path)
+    assert set(data) == {("math", "ift"), ("code", "cpt")}
+    math = data[("math", "ift")]
+    assert set(math) == {"base", "math-full", "math-lora-r8"}
+    assert math["base"] == [(0.60, 0.05, 0.0)]
+    for run in ("math-full", "math-lora-r8"):
+        pts = math[run]
+        assert pts[0] == math["base"][0]  # every line starts at the base model
+        assert [p[2] for p in pts] == [0.0] + [float(d) for d in DURS]
+    assert math["math-full"][-1] == pytest.approx((0.43, 0.34, 8.0))
+    code = data[("code", "cpt")]
+    assert set(code) == {"base", "code-full", "code-lora-r8"}
+    assert code["base"][0][1] == 2.0  # lower-is-better learning metric taken as is
+    # config-style specs (lists, as in config.yaml) and a concatenated table with repeated index labels
+    m = make_metrics()
+    doubled = pd.concat([m.iloc[: len(m) // 2], m.iloc[len(m) // 2:].set_index(m.index[: len(m) - len(m) // 2])])
+    assert doubled.index.has_duplicates
+    same = F.tradeoff_data(doubled, learning={k: list(v) for k, v in LEARNING.items()}, forgetting=list(FORGETTING))
+    assert same == data
+
+
+def test_curves_data(tmp_path):
+    files, data = F.learning_curves(make_metrics(), tmp_path, learning=LEARNING, return_data=True,
+                                    duration_labels={"ift": "epochs", "cpt": "tokens"})
+    _files_ok(files, tmp_path)
+    pts = data[("math", "ift")]["math-lora-r8"]
+    assert [p[0] for p in pts] == [0.0, 1.0, 2.0, 4.0, 8.0]
+    assert pts[0] == (0.0, 0.05) and data[("math", "ift")]["base"] == [(0.0, 0.05)]
+    assert pts[-1][1] == pytest.approx(0.22)
+
+    files, data = F.forgetting_curves(make_metrics(), tmp_path, forgetting=FORGETTING, return_data=True)
+    _files_ok(files, tmp_path)
+    assert set(data[("code", "cpt")]) == {"base", "code-full", "code-lora-r8"}
+    assert data[("code", "cpt")]["base"] == [(0.0, 0.60)]
+    assert [p[0] for p in data[("code", "cpt")]["code-full"]] == [0.0, 1.0, 2.0, 4.0, 8.0]
+
+
+def test_metric_direction():
+    m = make_metrics()
+    assert F.higher_is_better(m, LEARNING["code"]) is False
+    assert F.higher_is_better(m, LEARNING["math"]) is True
+    no_col = m.drop(columns=["higher_is_better"])
+    assert F.higher_is_better(no_col, ("x", "bits_per_byte")) is False  # name heuristic
+    assert F.higher_is_better(no_col, ("x", "acc")) is True
+
+
+def test_spectral_ranks_data(tmp_path):
+    m, s = make_metrics(), make_spectral()
+    files, data = F.spectral_ranks(s, tmp_path, groups=F.run_groups(m), return_data=True)
+    _files_ok(files, tmp_path)
+    assert set(data) == {"math (ift)", "code (cpt)"}
+    panel = data["math (ift)"]
+    full = [k for k, v in panel["runs"].items() if v[2] == "full"]
+    assert [panel["runs"][k][1] for k in full] == [float(d) for d in DURS]  # one line per duration
+    lora = [k for k, v in panel["runs"].items() if v[2] == "lora"]
+    assert len(lora) == 1 and panel["runs"][lora[0]] == ("math-lora-r8", 8.0, "lora")
+    assert panel["lines"][lora[0]] == [(0, 3.0), (1, 4.0), (2, 5.0)]
+    assert panel["lines"]["math-full @ 8"][0] == (0, 20.0)
+    assert panel["hlines"]["LoRA rank r=8"] == 8.0
+    gauss = s.groupby("module")["rank90_gaussian"].mean().mean()
+    assert panel["hlines"]["Gaussian, same shape (mean)"] == pytest.approx(gauss)
+    # without groups: one panel; repeated index labels (pd.concat of per-run CSVs) are fine
+    assert list(F.spectral_ranks_data(s)) == ["all runs"]
+    assert F.spectral_ranks_data(pd.concat([s, s.iloc[:0]]).set_index(pd.Index([0] * len(s))),
+                                 groups=F.run_groups(m)) == data
+
+
+def test_nothing_written_without_data(tmp_path):
+    empty = make_metrics().iloc[0:0]
+    base_only = make_metrics()[lambda d: d["run"] == "base"]
+    out = tmp_path / "figs"
+    assert F.tradeoff(empty, out, learning=LEARNING, forgetting=FORGETTING) == []
+    assert F.tradeoff(base_only, out, learning=LEARNING, forgetting=FORGETTING) == []
+    assert F.tradeoff(make_metrics(), out, learning={"other": ("t", "m")}, forgetting=FORGETTING) == []
+    assert F.tradeoff(make_metrics(), out, learning=LEARNING, forgetting=("nope", "acc")) == []
+    assert F.learning_curves(base_only, out, learning=LEARNING) == []
+    assert F.forgetting_curves(make_metrics(), out, forgetting=("nope", "acc")) == []
+    assert F.spectral_ranks(make_spectral().iloc[0:0], out) == []
+    assert F.spectral_ranks(make_spectral().assign(layer=-1), out) == []
+    assert not out.exists() or not any(out.iterdir())
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _write(tmp_path, metrics, spectral=None, draw=False, **kw):
+    out = tmp_path / "results"
+    figs = {}
+    if draw:
+        figs = {
+            "Learning vs forgetting": F.tradeoff(metrics, out / "figures", learning=LEARNING, forgetting=FORGETTING)[0],
+            "Forgetting curves": F.forgetting_curves(metrics, out / "figures", forgetting=FORGETTING)[0],
+            "Missing figure": str(out / "figures" / "nope.png"),
+        }
+    text = R.write_report(metrics, spectral, figs, out / "report.md", config={"seed": 7, "durations": DURS},
+                          provenance={"git_commit": "0123abcd", "wall_time_s": {"train": 12.5}},
+                          learning=LEARNING, forgetting=FORGETTING, **kw)
+    assert (out / "report.md").read_text(encoding="utf-8") == text
+    return out, text
+
+
+def test_report_lora_forgets_less(tmp_path):
+    out, text = _write(tmp_path, make_metrics(True), make_spectral(), draw=True)
+    for run in RUNS:
+        assert run in text
+    assert "**math-lora-r8 forgot less than math-full at equal duration**" in text
+    assert "**code-lora-r8 forgot less than code-full at equal duration**" in text
+    assert "forgot more than" not in text.split("## Figures")[0].replace("at equal learning", "")
+    # numbers, not adjectives: forgetting scores at a shared duration and full FT's drop
+    assert "8: 0.535 vs 0.430" in text
+    assert "dropped from 0.600 to 0.430" in text
+    assert "best 0.340 at duration 8" in text
+    # equal learning on the math panel (LoRA's curve lies above full's)
+    assert "**math-lora-r8 forgot less than math-full at equal learning**" in text
+    # ranks: full FT max 4 + 2*8 + 2 = 22 vs LoRA rank 8
+    assert "up to 22 ranks" in text and "2.8× the LoRA rank 8" in text
+    assert "max rank 5 over all durations and matrices (within its rank 8)" in text
+    assert "the mean rank grew" in text
+    # figures linked relative to the report, and present
+    links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    assert links == ["figures/tradeoff.png", "figures/forgetting_curves.png"]  # missing PNG not linked
+    assert all((out / link).is_file() for link in links)
+    # provenance and tables
+    assert "0123abcd" in text and "seed: 7" in text and "| train | 12.5 |" in text
+    assert "| math-lora-r8 | – | 0.595 | 0.575 | 0.555 | 0.535 |" in text
+
+
+def test_report_lora_forgets_more(tmp_path):
+    _, text = _write(tmp_path, make_metrics(False))
+    assert "**math-lora-r8 forgot more than math-full at equal duration**" in text
+    assert "**code-lora-r8 forgot more than code-full at equal duration**" in text
+    assert "forgot less than math-full at equal duration" not in text
+    assert "**math-lora-r8 forgot more than math-full at equal learning**" in text
+    assert "Ranks of ΔW" not in text  # no spectral table given
+
+
+def test_report_no_overlap_in_learning(tmp_path):
+    m = make_metrics(True, base_learning=False)
+    _, text = _write(tmp_path, m)
+    # without the base point the ranges still overlap (math: LoRA 0.07-0.22, full 0.10-0.34);
+    # keep only full's long runs (0.26-0.34) and LoRA's short ones (0.07-0.12): no overlap
+    m2 = m[~((m["run"] == "math-full") & (m["duration"] < 4))]
+    m2 = m2[~((m2["run"] == "math-lora-r8") & (m2["duration"] > 2) & (m2["task"] == "lf_math"))]
+    _, text2 = _write(tmp_path, m2)
+    assert "math-lora-r8 vs math-full: learning ranges do not overlap" in text2
+    assert "math-lora-r8 vs math-full: learning ranges do not overlap" not in text
+
+
+def test_compare_helpers():
+    c = R.compare_equal_duration({1: 0.6, 2: 0.5}, {1: 0.55, 2: 0.4, 4: 0.3})
+    assert c["verdict"] == "less" and c["durations"] == [1, 2]
+    assert R.compare_equal_duration({1: 0.5}, {1: 0.6})["verdict"] == "more"
+    assert R.compare_equal_duration({1: 0.5}, {1: 0.502})["verdict"] == "same"
+    assert R.compare_equal_duration({1: 0.6, 2: 0.3}, {1: 0.5, 2: 0.4})["verdict"] == "mixed"
+    assert R.compare_equal_duration({1: 0.5}, {2: 0.6}) is None
+    # lower-is-better forgetting score flips the sign
+    assert R.compare_equal_duration({1: 0.5}, {1: 0.6}, higher_better=False)["verdict"] == "less"
+    # interpolation along a path (learning, forgetting)
+    path = [(0.0, 1.0), (1.0, 0.5), (2.0, 0.0)]
+    assert R.interpolate_at_level(path, 0.5) == pytest.approx(0.75)
+    assert R.interpolate_at_level(path, 3.0) is None
+    a = [(0.0, 1.0), (1.0, 0.9)]
+    b = [(0.0, 1.0), (2.0, 0.6)]
+    c = R.compare_equal_learning(a, b, base_level=0.0)
+    assert c["verdict"] == "less" and c["overlap"] == (0.0, 1.0) and c["levels"] == [1.0]
+    assert c["b"] == [pytest.approx(0.8)]
+    assert R.compare_equal_learning([(0.0, 1.0)], [(1.0, 0.5), (2.0, 0.4)])["verdict"] == "no-overlap"
+
+
+def test_markdown_table():
+    df = pd.DataFrame({"run": ["a|b", "c"], "x": [0.12345, float("nan")], "n": [3, 4]})
+    lines = R.markdown_table(df).splitlines()
+    assert lines[0] == "| run | x | n |"
+    assert lines[1] == "| :--- | ---: | ---: |"
+    assert lines[2] == "| a\\|b | 0.123 | 3 |"
+    assert lines[3] == "| c | – | 4 |"

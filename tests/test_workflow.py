@@ -1,0 +1,118 @@
+"""The Snakemake workflow: lint, dry runs, a tiny end-to-end study, and rerun behaviour."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from workflow_utils import REPO, planned_jobs, planned_outputs, snakemake
+
+TINY = REPO / "tests" / "tiny.yaml"
+DEFAULT = REPO / "config" / "config.yaml"
+
+
+def test_lint_is_clean(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Lints for" not in out, out
+
+
+def test_snakefmt_is_clean():
+    proc = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow/"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_default_dry_run_plans_every_stage(tmp_path):
+    proc = snakemake(tmp_path, DEFAULT, "-n", "--cores", "2")
+    jobs = planned_jobs(proc)
+    cfg = yaml.safe_load(DEFAULT.read_text())
+    n_runs = len(cfg["runs"])
+    n_ckpt = sum(len(r.get("durations", cfg["durations"]["values"])) for r in cfg["runs"])
+    assert jobs["data_source"] == jobs["data_math"] == jobs["data_code"] == 1
+    assert jobs["tokenizer"] == 1 and jobs["base"] == 1 and jobs["report"] == 1
+    assert jobs["train"] == n_ckpt and n_runs >= 4
+    assert jobs["evaluate"] == n_ckpt + 1  # the base model is evaluated too
+    assert jobs["analyze"] == n_ckpt
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["runs"][0]["method"] = "no-such-method"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, bad, "-n", check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "runs[0].method" in out and "no-such-method" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tiny")
+    snakemake(work, TINY, "--cores", "2")
+    return work
+
+
+@pytest.mark.e2e
+def test_tiny_study_artefacts(tiny_study):
+    res = tiny_study / "results"
+    metrics = pd.read_csv(res / "metrics.csv")
+    for col in ["run", "method", "domain", "regime", "duration", "task", "metric", "value", "role"]:
+        assert col in metrics.columns
+    assert set(metrics["role"]) >= {"learning", "forgetting"}
+    base = metrics[metrics["run"] == "base"]
+    assert not base.empty and set(base["method"]) == {"base"} and set(base["duration"]) == {0}
+    assert set(metrics["run"]) == {"base", "math-full", "math-lora", "code-lora"}
+    assert metrics["value"].notna().all()
+    spectral = pd.read_csv(res / "spectral.csv")
+    for col in ["run", "duration", "layer", "module", "shape", "rank90", "rank90_base", "rank90_gaussian"]:
+        assert col in spectral.columns
+    lora = spectral[spectral["run"].str.endswith("lora")]
+    assert not lora.empty and (lora["rank90"] <= 4).all()
+    for fig in ["tradeoff", "learning", "forgetting", "spectral_ranks"]:
+        assert (res / "figures" / f"{fig}.png").stat().st_size > 10_000
+    report = (res / "report.md").read_text()
+    for run in ["math-full", "math-lora", "code-lora"]:
+        assert run in report
+    # checkpoints: full finetuning as an HF model, LoRA as a peft adapter
+    assert (res / "runs" / "math-full" / "2" / "model" / "model.safetensors").exists()
+    assert (res / "runs" / "math-lora" / "2" / "model" / "adapter_config.json").exists()
+
+
+@pytest.mark.e2e
+def test_rerun_with_nothing_changed_does_nothing(tiny_study):
+    proc = snakemake(tiny_study, TINY, "-n", "--cores", "2")
+    assert planned_jobs(proc) == {}
+
+
+@pytest.mark.e2e
+def test_evaluation_setting_change_retrains_nothing(tiny_study, tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["evaluation"]["limit"] = 10
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(snakemake(tiny_study, changed, "-n", "--cores", "2"))
+    assert jobs.get("evaluate", 0) == 7  # base + 3 runs x 2 durations
+    assert "train" not in jobs and "base" not in jobs and "tokenize" not in jobs
+
+
+@pytest.mark.e2e
+def test_learning_rate_change_retrains_that_run_only(tiny_study, tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["runs"][1]["train"] = {"lr": 5.0e-3}
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tiny_study, changed, "-n", "--cores", "2")
+    jobs = planned_jobs(proc)
+    assert jobs.get("train") == 2, jobs
+    outs = planned_outputs(proc, "train")
+    assert outs and all("runs/math-lora/" in o for o in outs), outs
+    assert "base" not in jobs

@@ -1,0 +1,22 @@
+# Pretrain the base model on the source world (plus a small share of generic text).
+
+
+rule base:
+    input:
+        tokenizer=f"{R}/tokenizer",
+        tokens=base_tokens,
+    output:
+        directory(f"{R}/base/model"),
+    params:
+        spec=base_params,
+    threads: config["threads"]["base"]
+    resources:
+        gpu=0,
+    log:
+        f"{R}/logs/base.log",
+    benchmark:
+        f"{R}/benchmarks/base.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/base.py"

@@ -1,0 +1,132 @@
+# Validation first, then the input functions every rule uses (no lambdas in rules).
+import sys
+
+from learnforget import config as lfconfig
+
+try:
+    _validated = lfconfig.validate(config)
+except lfconfig.ConfigError as exc:
+    sys.exit(f"learn-forget: {exc}")
+config.clear()
+config.update(_validated)
+
+R = "results"
+RUNS = {run.name: run for run in lfconfig.expand_runs(config)}
+DATASETS = lfconfig.token_datasets(config)
+ENV = "../../envs/learnforget.yaml"
+
+
+wildcard_constraints:
+    run="|".join(["base", *RUNS]),
+    duration=r"[0-9][0-9.e+]*",
+    dataset="|".join(lfconfig.DATASETS),
+    domain="source|math|code",
+
+
+def checkpoints_of(run):
+    """Every (run, duration) pair the study evaluates, the base model first."""
+    pairs = [("base", "0")]
+    for r in RUNS.values():
+        pairs += [(r.name, label) for label in r.labels]
+    return pairs
+
+
+def finetuned():
+    return [(r, d) for r, d in checkpoints_of(None) if r != "base"]
+
+
+def data_files():
+    return {
+        "source_train": f"{R}/data/source/train.jsonl",
+        "source_quiz": f"{R}/data/source/quiz.jsonl",
+        "source_heldout": f"{R}/data/source/heldout.jsonl",
+        "math_train": f"{R}/data/math/train.jsonl",
+        "math_test": f"{R}/data/math/test.jsonl",
+        "math_generic": f"{R}/data/math/generic.jsonl",
+        "code_train": f"{R}/data/code/train.jsonl",
+        "code_test": f"{R}/data/code/test.jsonl",
+    }
+
+
+def tokenize_input(wildcards):
+    path, _regime = lfconfig.DATASETS[wildcards.dataset]
+    return {"tokenizer": f"{R}/tokenizer", "data": f"{R}/data/{path}"}
+
+
+def tokenize_params(wildcards):
+    path, regime = lfconfig.DATASETS[wildcards.dataset]
+    domain = wildcards.dataset.split("_")[0]
+    template = lfconfig.IFT_TEMPLATES.get(domain) if regime == "ift" else None
+    return {"regime": regime, "template": template}
+
+
+def base_tokens(wildcards):
+    return [f"{R}/tokens/{name}" for name, w in sorted(config["base"]["mix"].items()) if w > 0]
+
+
+def base_params(wildcards):
+    return lfconfig.as_hashable(
+        {"model": config["model"], "base": config["base"], "seed": config["seed"]}
+    )
+
+
+def train_input(wildcards):
+    run = RUNS[wildcards.run]
+    inputs = {"base": f"{R}/base/model", "tokens": f"{R}/tokens/{run.dataset}"}
+    previous = run.previous(wildcards.duration)
+    if previous is not None:
+        inputs["previous"] = f"{R}/runs/{run.name}/{previous}"
+    return inputs
+
+
+def train_params(wildcards):
+    return lfconfig.as_hashable(RUNS[wildcards.run].train_params(wildcards.duration))
+
+
+def checkpoint_input(wildcards):
+    inputs = {"base": f"{R}/base/model"}
+    if wildcards.run != "base":
+        inputs["checkpoint"] = f"{R}/runs/{wildcards.run}/{wildcards.duration}"
+    return inputs
+
+
+def evaluate_input(wildcards):
+    return {**checkpoint_input(wildcards), **data_files()}
+
+
+def run_meta(wildcards):
+    if wildcards.run == "base":
+        return {"run": "base", "method": "base", "method_type": "base", "domain": "",
+                "regime": "", "seed": config["seed"], "rank": None, "duration": 0.0, "unit": ""}
+    run = RUNS[wildcards.run]
+    return lfconfig.as_hashable(
+        {**run.meta(), "duration": run.duration_value(wildcards.duration), "unit": run.unit}
+    )
+
+
+def eval_params(wildcards):
+    return lfconfig.as_hashable(lfconfig.eval_params(config))
+
+
+def analysis_params(wildcards):
+    return lfconfig.as_hashable(config["analysis"])
+
+
+def all_evaluations(wildcards=None):
+    return [f"{R}/evals/{r}/{d}.json" for r, d in checkpoints_of(None)]
+
+
+def all_spectral(wildcards=None):
+    return [f"{R}/spectral/{r}/{d}.csv" for r, d in finetuned()]
+
+
+def report_params(wildcards):
+    return lfconfig.as_hashable(
+        {
+            "study": config["study"],
+            "learning": config["evaluation"]["learning"],
+            "forgetting": config["evaluation"]["forgetting"],
+            "runs": {name: r.meta() for name, r in RUNS.items()},
+            "config": config,
+        }
+    )

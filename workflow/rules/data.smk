@@ -1,0 +1,84 @@
+# Offline corpora, the tokenizer, and token files.
+
+
+rule data_source:
+    output:
+        train=f"{R}/data/source/train.jsonl",
+        quiz=f"{R}/data/source/quiz.jsonl",
+        heldout=f"{R}/data/source/heldout.jsonl",
+    params:
+        domain="source",
+        cfg=config["data"]["source"],
+        seed=config["seed"],
+    log:
+        f"{R}/logs/data/source.log",
+    conda:
+        ENV
+    script:
+        "../scripts/data.py"
+
+
+rule data_math:
+    output:
+        train=f"{R}/data/math/train.jsonl",
+        test=f"{R}/data/math/test.jsonl",
+        generic=f"{R}/data/math/generic.jsonl",
+    params:
+        domain="math",
+        cfg=config["data"]["math"],
+        seed=config["seed"],
+    log:
+        f"{R}/logs/data/math.log",
+    conda:
+        ENV
+    script:
+        "../scripts/data.py"
+
+
+rule data_code:
+    output:
+        train=f"{R}/data/code/train.jsonl",
+        test=f"{R}/data/code/test.jsonl",
+    params:
+        domain="code",
+        cfg=config["data"]["code"],
+        seed=config["seed"],
+    log:
+        f"{R}/logs/data/code.log",
+    conda:
+        ENV
+    script:
+        "../scripts/data.py"
+
+
+rule tokenizer:
+    input:
+        source=f"{R}/data/source/train.jsonl",
+        math=f"{R}/data/math/train.jsonl",
+        generic=f"{R}/data/math/generic.jsonl",
+        code=f"{R}/data/code/train.jsonl",
+    output:
+        directory(f"{R}/tokenizer"),
+    params:
+        cfg=config["tokenizer"],
+    log:
+        f"{R}/logs/tokenizer.log",
+    conda:
+        ENV
+    script:
+        "../scripts/tokenizer.py"
+
+
+rule tokenize:
+    input:
+        unpack(tokenize_input),
+    output:
+        directory(f"{R}/tokens/{{dataset}}"),
+    params:
+        spec=tokenize_params,
+    log:
+        f"{R}/logs/tokens/{{dataset}}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/tokenize_data.py"

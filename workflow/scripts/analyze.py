@@ -1,0 +1,24 @@
+"""Spectral analysis of one checkpoint's weight changes (learnforget.spectral)."""
+
+import torch
+
+from learnforget.io import atomic_path
+from learnforget.logs import setup
+from learnforget.spectral import analyze
+
+log = setup(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+meta = snakemake.params.meta
+settings = snakemake.params.settings
+table = analyze(
+    snakemake.input.base,
+    snakemake.input.checkpoint,
+    fraction=settings["fraction"],
+    lora_rank=meta.get("rank"),
+    device=settings["device"],
+)
+for key in ("run", "method", "method_type", "domain", "regime", "duration"):
+    table.insert(0, key, meta[key])
+with atomic_path(snakemake.output[0]) as tmp:
+    table.to_csv(tmp, index=False)
+log.info("%s@%s: %d matrices, max rank90 %d", meta["run"], meta["duration"], len(table), table["rank90"].max())

@@ -1,0 +1,33 @@
+"""Evaluate one checkpoint (or the base) on every configured task (learnforget.evaluation)."""
+
+from pathlib import Path
+
+import torch
+
+from learnforget.evaluation import evaluate_checkpoint, resolve_model
+from learnforget.logs import setup
+
+log = setup(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+settings = snakemake.params.settings
+meta = snakemake.params.meta
+base = Path(snakemake.input.base)
+if "checkpoint" in snakemake.input.keys():
+    model_dir, adapter_dir = resolve_model(Path(snakemake.input.checkpoint) / "model", base)
+else:
+    model_dir, adapter_dir = base, None
+data_root = Path(snakemake.input.source_train).parents[1]
+out = evaluate_checkpoint(
+    model_dir,
+    settings["tasks"],
+    data_root,
+    snakemake.output.results,
+    adapter_dir=adapter_dir,
+    tokenizer_dir=base,
+    batch_size=settings["batch_size"],
+    limit=settings["limit"],
+    num_fewshot=settings["num_fewshot"] or None,
+    log_samples_path=snakemake.output.samples,
+    extra_meta=meta,
+)
+log.info("%s@%s evaluated on %s", meta["run"], meta["duration"], ", ".join(settings["tasks"]))

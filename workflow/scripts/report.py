@@ -1,0 +1,44 @@
+"""Tidy tables, figures and report.md from every evaluation and spectral analysis."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from learnforget import figures, provenance, results
+from learnforget.io import atomic_path
+from learnforget.logs import setup
+from learnforget.report import write_report
+
+log = setup(snakemake.log[0])
+spec = snakemake.params.spec
+out = snakemake.output
+learning = {domain: tuple(v) for domain, v in spec["learning"].items()}
+forgetting = tuple(spec["forgetting"])
+
+metrics = results.collect(snakemake.input.evals)
+spectral = pd.concat([pd.read_csv(p) for p in snakemake.input.spectral], ignore_index=True)
+spectral = spectral.sort_values(["run", "duration", "layer", "module"], kind="stable").reset_index(drop=True)
+for path, table in ((out.metrics, metrics), (out.spectral, spectral)):
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+fig_dir = Path(out.tradeoff).parent
+drawn = {
+    "tradeoff": figures.tradeoff(metrics, fig_dir, learning=learning, forgetting=forgetting, name="tradeoff"),
+    "learning": figures.learning_curves(metrics, fig_dir, learning=learning, name="learning"),
+    "forgetting": figures.forgetting_curves(metrics, fig_dir, forgetting=forgetting, name="forgetting"),
+    "spectral_ranks": figures.spectral_ranks(spectral, fig_dir, name="spectral_ranks"),
+}
+missing = [name for name, files in drawn.items() if not files]
+if missing:
+    raise SystemExit(f"report: no data for figure(s) {', '.join(missing)}: check evaluation.learning/forgetting")
+pngs = {name: next(f for f in files if str(f).endswith(".png")) for name, files in drawn.items()}
+
+results_dir = Path(out.report).parent
+prov = provenance.collect(
+    Path(snakemake.scriptdir).parents[1], results_dir,
+    seeds={"study": spec["config"]["seed"], **{r: m["seed"] for r, m in spec["runs"].items()}},
+)
+write_report(metrics, spectral, pngs, out.report, config=spec["config"], provenance=prov,
+             learning=learning, forgetting=forgetting, title=None)
+log.info("report: %d metric rows, %d spectral rows, figures %s", len(metrics), len(spectral), sorted(pngs))

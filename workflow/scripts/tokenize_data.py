@@ -1,0 +1,23 @@
+"""Tokenize one dataset into token files (learnforget.tokens)."""
+
+from learnforget import tokens
+from learnforget.io import read_jsonl
+from learnforget.logs import setup
+from learnforget.tokenizer import load_tokenizer
+
+log = setup(snakemake.log[0])
+spec = snakemake.params.spec
+tokenizer = load_tokenizer(snakemake.input.tokenizer)
+records = read_jsonl(snakemake.input.data)
+if spec["regime"] == "cpt":
+    td = tokens.tokenize_cpt([r["text"] for r in records], tokenizer)
+else:
+    prompt, response = spec["template"]
+    td = tokens.tokenize_ift(
+        [prompt.format(**r) for r in records],
+        [response.format(**r) for r in records],
+        tokenizer,
+    )
+meta = {"dataset": snakemake.wildcards.dataset, "source": tokens.fingerprint([snakemake.input.data])}
+tokens.save_tokens(td, snakemake.output[0], meta)
+log.info("%s: %d documents, %d tokens (%s)", snakemake.wildcards.dataset, td.n_docs, td.n_tokens, spec["regime"])
