@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("config")
     v.add_argument("--show", action="store_true", help="print the config with defaults filled in")
     v.set_defaults(func=_validate)
+    r = sub.add_parser("config-reference", help="print the config reference (markdown) that the README embeds")
+    r.set_defaults(func=lambda args: print(__import__("learnforget.reference").reference.markdown(), end="") or 0)
     args = parser.parse_args(argv)
     return args.func(args)
 

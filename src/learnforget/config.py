@@ -129,10 +129,22 @@ class Run:
         return self.labels[i - 1]
 
     @property
-    def continues(self) -> bool:
+    def spans_longest(self) -> bool:
+        """One length-dependent schedule over the run's longest duration (its shorter durations
+        are intermediate checkpoints of that schedule)."""
         from learnforget.schedules import length_independent
 
-        return length_independent(self.train.get("schedule", "constant"))
+        return (not length_independent(self.train.get("schedule", "constant"))
+                and self.train.get("schedule_length", "duration") == "longest")
+
+    @property
+    def continues(self) -> bool:
+        """Whether a duration continues from the previous one instead of starting from the base."""
+        from learnforget.schedules import length_independent
+
+        independent = (length_independent(self.train.get("schedule", "constant"))
+                       and self.train.get("warmup_fraction") is None)
+        return independent or self.spans_longest
 
     @property
     def is_adapter(self) -> bool:
@@ -152,6 +164,8 @@ class Run:
             "unit": self.unit,
             "duration": self.duration_value(label),
             "previous": self.previous(label),
+            # the schedule's length depends on every duration only when it spans the longest
+            "durations": list(self.durations) if self.spans_longest else None,
         }
 
     def meta(self) -> dict:
@@ -195,7 +209,13 @@ def check(cfg: dict) -> None:
 
     for key, cls in (("source", data_mod.SourceConfig), ("math", data_mod.MathConfig), ("code", data_mod.CodeConfig)):
         _check_component(f"data.{key}", data_mod.from_dict, cls, cfg["data"][key])
-    _check_component("base.train", TrainConfig.from_dict, cfg["base"]["train"])
+    from learnforget.modeling import validate_arch
+
+    arch = _check_component("model", validate_arch, cfg["model"])
+    context = arch["max_position_embeddings"]
+    base_train = _check_component("base.train", TrainConfig.from_dict, cfg["base"]["train"])
+    if base_train.seq_len > context:
+        raise ConfigError("base.train.seq_len", f"{base_train.seq_len} exceeds model.max_position_embeddings {context}")
     _check_component("finetune", TrainConfig.from_dict, cfg["finetune"])
     for name in cfg["base"]["mix"]:
         if name not in DATASETS:
@@ -203,13 +223,13 @@ def check(cfg: dict) -> None:
     if not any(w > 0 for w in cfg["base"]["mix"].values()):
         raise ConfigError("base.mix", "at least one dataset needs a positive weight")
 
-    hidden = cfg["model"].get("hidden_size")
+    hidden = arch["hidden_size"]
     for name, m in cfg["methods"].items():
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
             raise ConfigError(f"methods.{name}", "method names must be filesystem-safe")
         method = _check_component(f"methods.{name}", method_from_dict, m)
         rank = getattr(method, "rank", None)
-        if rank is not None and hidden is not None and rank >= hidden:
+        if rank is not None and rank >= hidden:
             raise ConfigError(f"methods.{name}.rank", f"rank {rank} must be below the model width {hidden}")
 
     seen: dict[str, int] = {}
@@ -224,7 +244,9 @@ def check(cfg: dict) -> None:
             raise ConfigError(f"{where}.method", f"unknown method {r['method']!r}; defined: {sorted(cfg['methods'])}")
         if r["domain"] == "math" and r["regime"] not in ("ift", "cpt"):
             raise ConfigError(f"{where}.regime", f"unsupported regime {r['regime']!r}")
-        _check_component(f"{where}.train", TrainConfig.from_dict, {**cfg["finetune"], **r.get("train", {})})
+        tc = _check_component(f"{where}.train", TrainConfig.from_dict, {**cfg["finetune"], **r.get("train", {})})
+        if tc.seq_len > context:
+            raise ConfigError(f"{where}.train.seq_len", f"{tc.seq_len} exceeds model.max_position_embeddings {context}")
         durations = r.get("durations", cfg["durations"]["values"])
         key = f"{where}.durations" if "durations" in r else "durations.values"
         if any(not math.isfinite(d) or d <= 0 for d in durations):

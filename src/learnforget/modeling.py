@@ -22,7 +22,8 @@ ARCH_DEFAULTS = {
 }
 
 
-def llama_config(arch: dict, tokenizer) -> LlamaConfig:
+def validate_arch(arch: dict) -> dict:
+    """The arch dict with defaults filled in; ValueError naming the bad key otherwise."""
     unknown = sorted(set(arch) - set(ARCH_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown arch keys: {', '.join(unknown)} (known: {', '.join(ARCH_DEFAULTS)})")
@@ -40,6 +41,11 @@ def llama_config(arch: dict, tokenizer) -> LlamaConfig:
         raise ValueError("arch.hidden_size must be divisible by arch.num_attention_heads")
     if a["num_attention_heads"] % a["num_key_value_heads"]:
         raise ValueError("arch.num_attention_heads must be divisible by arch.num_key_value_heads")
+    return a
+
+
+def llama_config(arch: dict, tokenizer) -> LlamaConfig:
+    a = validate_arch(arch)
     ids = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
     if ids["eos"] is None:
         raise ValueError("the tokenizer has no eos_token")

@@ -269,10 +269,12 @@ def _setting_findings(metrics, key, runs, methods, lspec, fspec, tol) -> list[st
         sign = 1.0 if f_hib else -1.0
         drops = {d: sign * (fb - v) for d, v in s.items()}
         worst = max(drops, key=lambda d: (drops[d], -d))
-        verb = "dropped" if drops[last] > 0 else "did not drop"
-        lines.append(f"  - {run} ({methods[run]}): {verb} from {_fmt(fb)} to {_fmt(s[last])} at the longest "
-                     f"duration ({_fmt_dur(last)}), a change of {_signed(s[last] - fb)}; largest drop "
-                     f"{_fmt(drops[worst])} at duration {_fmt_dur(worst)}.")
+        verb = "dropped" if drops[last] > 0 else ("rose" if drops[last] < 0 else "stayed")
+        text = (f"  - {run} ({methods[run]}): {verb} from {_fmt(fb)} to {_fmt(s[last])} at the longest "
+                f"duration ({_fmt_dur(last)}), a change of {_signed(s[last] - fb)}")
+        if drops[worst] > 0 and worst != last:
+            text += f"; its largest drop was {_fmt(drops[worst])} at duration {_fmt_dur(worst)}"
+        lines.append(text + ".")
     for run in others:
         s = {d: v for d, v in _series(ftab, run).items() if d > 0}
         if s and fb is not None:

@@ -6,15 +6,15 @@ rule analyze:
         unpack(checkpoint_input),
     output:
         f"{R}/spectral/{{run}}/{{duration}}.csv",
-    params:
-        settings=analysis_params,
-        meta=run_meta,
-    threads: config["threads"]["analyze"]
     log:
         f"{R}/logs/analyze/{{run}}/{{duration}}.log",
     benchmark:
         f"{R}/benchmarks/analyze/{{run}}/{{duration}}.tsv"
     conda:
         ENV
+    threads: config["threads"]["analyze"]
+    params:
+        settings=analysis_params,
+        meta=run_meta,
     script:
         "../scripts/analyze.py"

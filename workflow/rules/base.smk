@@ -7,16 +7,16 @@ rule base:
         tokens=base_tokens,
     output:
         directory(f"{R}/base/model"),
-    params:
-        spec=base_params,
-    threads: config["threads"]["base"]
-    resources:
-        gpu=0,
     log:
         f"{R}/logs/base.log",
     benchmark:
         f"{R}/benchmarks/base.tsv"
     conda:
         ENV
+    threads: config["threads"]["base"]
+    resources:
+        gpu=0,
+    params:
+        spec=base_params,
     script:
         "../scripts/base.py"

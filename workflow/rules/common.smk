@@ -61,7 +61,11 @@ def tokenize_params(wildcards):
 
 
 def base_tokens(wildcards):
-    return [f"{R}/tokens/{name}" for name, w in sorted(config["base"]["mix"].items()) if w > 0]
+    return [
+        f"{R}/tokens/{name}"
+        for name, w in sorted(config["base"]["mix"].items())
+        if w > 0
+    ]
 
 
 def base_params(wildcards):
@@ -96,11 +100,24 @@ def evaluate_input(wildcards):
 
 def run_meta(wildcards):
     if wildcards.run == "base":
-        return {"run": "base", "method": "base", "method_type": "base", "domain": "",
-                "regime": "", "seed": config["seed"], "rank": None, "duration": 0.0, "unit": ""}
+        return {
+            "run": "base",
+            "method": "base",
+            "method_type": "base",
+            "domain": "",
+            "regime": "",
+            "seed": config["seed"],
+            "rank": None,
+            "duration": 0.0,
+            "unit": "",
+        }
     run = RUNS[wildcards.run]
     return lfconfig.as_hashable(
-        {**run.meta(), "duration": run.duration_value(wildcards.duration), "unit": run.unit}
+        {
+            **run.meta(),
+            "duration": run.duration_value(wildcards.duration),
+            "unit": run.unit,
+        }
     )
 
 

@@ -6,14 +6,14 @@ rule data_source:
         train=f"{R}/data/source/train.jsonl",
         quiz=f"{R}/data/source/quiz.jsonl",
         heldout=f"{R}/data/source/heldout.jsonl",
-    params:
-        domain="source",
-        cfg=config["data"]["source"],
-        seed=config["seed"],
     log:
         f"{R}/logs/data/source.log",
     conda:
         ENV
+    params:
+        domain="source",
+        cfg=config["data"]["source"],
+        seed=config["seed"],
     script:
         "../scripts/data.py"
 
@@ -23,14 +23,14 @@ rule data_math:
         train=f"{R}/data/math/train.jsonl",
         test=f"{R}/data/math/test.jsonl",
         generic=f"{R}/data/math/generic.jsonl",
-    params:
-        domain="math",
-        cfg=config["data"]["math"],
-        seed=config["seed"],
     log:
         f"{R}/logs/data/math.log",
     conda:
         ENV
+    params:
+        domain="math",
+        cfg=config["data"]["math"],
+        seed=config["seed"],
     script:
         "../scripts/data.py"
 
@@ -39,14 +39,14 @@ rule data_code:
     output:
         train=f"{R}/data/code/train.jsonl",
         test=f"{R}/data/code/test.jsonl",
-    params:
-        domain="code",
-        cfg=config["data"]["code"],
-        seed=config["seed"],
     log:
         f"{R}/logs/data/code.log",
     conda:
         ENV
+    params:
+        domain="code",
+        cfg=config["data"]["code"],
+        seed=config["seed"],
     script:
         "../scripts/data.py"
 
@@ -59,12 +59,12 @@ rule tokenizer:
         code=f"{R}/data/code/train.jsonl",
     output:
         directory(f"{R}/tokenizer"),
-    params:
-        cfg=config["tokenizer"],
     log:
         f"{R}/logs/tokenizer.log",
     conda:
         ENV
+    params:
+        cfg=config["tokenizer"],
     script:
         "../scripts/tokenizer.py"
 
@@ -74,11 +74,11 @@ rule tokenize:
         unpack(tokenize_input),
     output:
         directory(f"{R}/tokens/{{dataset}}"),
-    params:
-        spec=tokenize_params,
     log:
         f"{R}/logs/tokens/{{dataset}}.log",
     conda:
         ENV
+    params:
+        spec=tokenize_params,
     script:
         "../scripts/tokenize_data.py"

@@ -7,15 +7,15 @@ rule evaluate:
     output:
         results=f"{R}/evals/{{run}}/{{duration}}.json",
         samples=f"{R}/evals/{{run}}/{{duration}}.samples.jsonl",
-    params:
-        settings=eval_params,
-        meta=run_meta,
-    threads: config["threads"]["evaluate"]
     log:
         f"{R}/logs/evaluate/{{run}}/{{duration}}.log",
     benchmark:
         f"{R}/benchmarks/evaluate/{{run}}/{{duration}}.tsv"
     conda:
         ENV
+    threads: config["threads"]["evaluate"]
+    params:
+        settings=eval_params,
+        meta=run_meta,
     script:
         "../scripts/evaluate.py"

@@ -39,11 +39,11 @@ rule report:
             category="Figures",
         ),
         report=f"{R}/report.md",
-    params:
-        spec=report_params,
     log:
         f"{R}/logs/report.log",
     conda:
         ENV
+    params:
+        spec=report_params,
     script:
         "../scripts/report.py"

@@ -8,16 +8,16 @@ rule train:
         unpack(train_input),
     output:
         directory(f"{R}/runs/{{run}}/{{duration}}"),
-    params:
-        spec=train_params,
-    threads: config["threads"]["train"]
-    resources:
-        gpu=0,
     log:
         f"{R}/logs/train/{{run}}/{{duration}}.log",
     benchmark:
         f"{R}/benchmarks/train/{{run}}/{{duration}}.tsv"
     conda:
         ENV
+    threads: config["threads"]["train"]
+    resources:
+        gpu=0,
+    params:
+        spec=train_params,
     script:
         "../scripts/train.py"

@@ -13,6 +13,7 @@ manifest = finetune(
     {**spec["train"], "threads": snakemake.threads},
     duration=spec["duration"],
     unit=spec["unit"],
+    durations=spec["durations"],
     prev_checkpoint_dir=snakemake.input.get("previous"),
     out_dir=snakemake.output[0],
     seed=spec["seed"],

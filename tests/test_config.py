@@ -1,0 +1,133 @@
+"""Config loading: defaults, expansion into runs, and clear errors naming the key."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from learnforget import config as lfconfig
+from workflow_utils import REPO
+
+DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+TINY = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
+
+
+def test_default_and_tiny_configs_are_valid():
+    for raw in (DEFAULT, TINY):
+        cfg = lfconfig.validate(raw)
+        assert cfg["analysis"]["fraction"] == 0.9
+        assert cfg["evaluation"]["forgetting"] == ["lf_facts", "acc"]
+
+
+def test_defaults_are_filled_for_a_minimal_config():
+    cfg = lfconfig.validate({"runs": [{"name": "r", "domain": "math", "regime": "ift", "method": "lora"}],
+                             "model": {"hidden_size": 64, "intermediate_size": 128,
+                                       "num_hidden_layers": 2, "num_attention_heads": 2}})
+    assert cfg["durations"] == {"unit": "epochs", "values": [1, 2, 4]}
+    assert cfg["methods"]["lora"]["rank"] == 8
+    assert cfg["threads"] == {"base": 2, "train": 1, "evaluate": 1, "analyze": 1}
+    (run,) = lfconfig.expand_runs(cfg)
+    assert run.labels == ("1", "2", "4") and run.dataset == "math_ift" and run.seed == 0
+
+
+def test_runs_expand_with_overrides_and_continuation():
+    cfg = lfconfig.validate(TINY)
+    runs = {r.name: r for r in lfconfig.expand_runs(cfg)}
+    assert runs["math-full"].train["lr"] == 1.0e-3 and runs["math-full"].train["seq_len"] == 64
+    assert runs["code-lora"].dataset == "code_cpt"
+    # constant schedule: each duration continues from the previous one
+    assert runs["math-lora"].previous("1") is None and runs["math-lora"].previous("2") == "1"
+    raw = copy.deepcopy(TINY)
+    raw["finetune"]["schedule"] = "cosine"
+    cosine = {r.name: r for r in lfconfig.expand_runs(lfconfig.validate(raw))}
+    assert cosine["math-lora"].previous("2") is None
+
+
+def test_train_params_hold_only_the_runs_own_settings():
+    cfg = lfconfig.validate(TINY)
+    run = lfconfig.expand_runs(cfg)[0]
+    params = run.train_params("2")
+    assert params["duration"] == 2.0 and params["previous"] == "1"
+    assert "evaluation" not in params and "limit" not in str(params)
+
+
+@pytest.mark.parametrize("duration,label", [(4, "4"), (4.0, "4"), (0.5, "0.5"), (1e6, "1000000"), (2.25, "2.25")])
+def test_format_duration(duration, label):
+    assert lfconfig.format_duration(duration) == label
+
+
+def _with(path: str, value):
+    raw = copy.deepcopy(TINY)
+    node = raw
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node[int(k)] if k.isdigit() else node.setdefault(k, {})
+    last = keys[-1]
+    if value is DELETE:
+        del node[int(last) if last.isdigit() else last]
+    elif last.isdigit():
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return raw
+
+
+DELETE = object()
+
+BAD = [
+    ("unknown top-level key", _with("trainer", {}), "trainer"),
+    ("unknown evaluation key", _with("evaluation.shots", 5), "shots"),
+    ("run without a method", _with("runs.0.method", DELETE), "method"),
+    ("unknown method", _with("runs.0.method", "qlora"), "runs[0].method"),
+    ("bad domain", _with("runs.0.domain", "biology"), "runs[0].domain"),
+    ("bad regime", _with("runs.0.regime", "rlhf"), "runs[0].regime"),
+    ("unsafe run name", _with("runs.0.name", "../escape"), "runs[0].name"),
+    ("duplicate run name", _with("runs.1.name", "math-full"), "runs[1].name"),
+    ("reserved run name", _with("runs.0.name", "base"), "runs[0].name"),
+    ("negative learning rate", _with("runs.0.train", {"lr": -1.0}), "runs[0].train"),
+    ("unknown train key", _with("finetune.learning_rate", 1e-3), "finetune"),
+    ("durations not increasing", _with("durations.values", [2, 1]), "durations.values"),
+    ("zero duration", _with("runs.0.durations", [0, 1]), "runs[0].durations"),
+    ("bad duration unit", _with("durations.unit", "hours"), "durations.unit"),
+    ("lora rank zero", _with("methods.lora.rank", 0), "methods.lora"),
+    ("lora rank above width", _with("methods.lora.rank", 64), "methods.lora.rank"),
+    ("bad lora target", _with("methods.lora.target", "embeddings"), "methods.lora"),
+    ("unknown method type", _with("methods.lora.type", "magic"), "methods.lora"),
+    ("unknown task", _with("evaluation.tasks", ["lf_math", "lf_facts", "lf_code", "nope"]), "evaluation.tasks[3]"),
+    ("learning task not evaluated", _with("evaluation.tasks", ["lf_facts", "lf_code"]), "evaluation.learning.math"),
+    ("unknown data key", _with("data.math.n_problems", 10), "data.math"),
+    ("bad data value", _with("data.source.n_entities", 1), "data.source"),
+    ("unknown base mix dataset", _with("base.mix", {"wikipedia": 1.0}), "base.mix"),
+    ("zero analysis fraction", _with("analysis.fraction", 0), "analysis.fraction"),
+    ("model key missing", _with("model.hidden_size", DELETE), "model"),
+    ("unknown model key", _with("model.n_layers", 2), "model"),
+    ("sequence longer than the context", _with("finetune.seq_len", 1024), "runs[0].train.seq_len"),
+    ("threads zero", _with("threads.train", 0), "threads.train"),
+    ("fewshot for a task not evaluated", _with("evaluation.num_fewshot", {"gsm8k": 5}), "evaluation.num_fewshot.gsm8k"),
+]
+
+
+@pytest.mark.parametrize("what,raw,where", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_names_the_key(what, raw, where):
+    with pytest.raises(lfconfig.ConfigError) as err:
+        lfconfig.validate(raw)
+    assert where in str(err.value), str(err.value)
+
+
+def test_load_reports_missing_and_malformed_files(tmp_path):
+    with pytest.raises(lfconfig.ConfigError, match="not found"):
+        lfconfig.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("runs: [\n")
+    with pytest.raises(lfconfig.ConfigError, match="not valid YAML"):
+        lfconfig.load(bad)
+
+
+def test_cli_validate(capsys):
+    from learnforget.cli import main
+
+    assert main(["validate", str(REPO / "tests" / "tiny.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "3 runs" in out and "math-lora" in out and "continues" in out
