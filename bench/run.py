@@ -85,7 +85,7 @@ def main() -> None:
         t_torch = svd_seconds(lambda x: torch.linalg.svdvals(torch.from_numpy(x)), m)
         t_numpy = svd_seconds(lambda x: np.linalg.svd(x, compute_uv=False), m)
         rows.append((f"svd {shape[0]}x{shape[1]}: torch.svdvals vs numpy.svd seconds", f"{t_torch:.4f}",
-                     f"{t_numpy:.4f}", f"{t_numpy / t_torch:.2f}x faster"))
+                     f"{t_numpy:.4f}", f"{t_numpy / t_torch:.2f}x speed-up"))
     header = "| benchmark | ours | baseline | ratio |\n|---|---:|---:|---:|\n"
     table = header + "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in rows)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {THREADS} threads"

@@ -7,8 +7,10 @@ try:
     _validated = lfconfig.validate(config)
 except lfconfig.ConfigError as exc:
     sys.exit(f"learn-forget: {exc}")
+# Keys sorted at every level: params reprs (which Snakemake compares to decide reruns) must
+# not depend on the order keys were written in the YAML.
 config.clear()
-config.update(_validated)
+config.update(lfconfig.as_hashable(_validated))
 
 R = "results"
 RUNS = {run.name: run for run in lfconfig.expand_runs(config)}
