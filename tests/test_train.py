@@ -27,17 +27,9 @@ METHOD_CASES = {"full": {"type": "full"}, "lora": {"type": "lora", "rank": 4, "d
 
 
 def make_tokenizer(texts, vocab=300):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from learnforget.tokenizer import build_tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return build_tokenizer(texts, vocab_size=vocab, min_frequency=0)
 
 
 @pytest.fixture(scope="module")

@@ -222,13 +222,9 @@ def _check_data(tasks: Iterable[str], data_root: Path) -> dict[str, dict[str, di
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
+    from learnforget.io import sha256_file
 
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _jsonable(obj: Any) -> Any:

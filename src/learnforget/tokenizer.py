@@ -24,11 +24,10 @@ def iter_texts(files: Iterable[str | os.PathLike]) -> Iterator[str]:
                 yield choice
 
 
-def train_tokenizer(files: list, out_dir: str | os.PathLike, *, vocab_size: int = 4096, min_frequency: int = 2):
-    """Train byte-level BPE on ``files`` (JSONL) and save a transformers tokenizer to ``out_dir``.
+def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, min_frequency: int = 2):
+    """Byte-level BPE trained on ``texts``, as a transformers ``PreTrainedTokenizerFast``.
 
     Byte-level BPE covers any input (no unknown tokens); ``<|endoftext|>`` is BOS, EOS and PAD.
-    Returns the ``PreTrainedTokenizerFast``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -43,10 +42,16 @@ def train_tokenizer(files: list, out_dir: str | os.PathLike, *, vocab_size: int 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(iter_texts(files), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
                                  model_max_length=1 << 30)
     hf.padding_side = "right"
+    return hf
+
+
+def train_tokenizer(files: list, out_dir: str | os.PathLike, *, vocab_size: int = 4096, min_frequency: int = 2):
+    """Train the tokenizer on every text field of ``files`` (JSONL) and save it to ``out_dir``."""
+    hf = build_tokenizer(iter_texts(files), vocab_size=vocab_size, min_frequency=min_frequency)
     with atomic_path(out_dir) as tmp:
         hf.save_pretrained(str(tmp))
     return hf

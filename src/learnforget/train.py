@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from learnforget.io import atomic_path, read_json, read_jsonl, write_json
+from learnforget.io import atomic_path, read_json, read_jsonl, sha256_file, write_json
 from learnforget.methods import MethodConfig, method_from_dict
 from learnforget.modeling import build_model, count_parameters, flops_per_token, load_model
 from learnforget.schedules import SCHEDULES, length_independent, make_schedule
@@ -298,11 +298,7 @@ def train(
 
 # ----------------------------------------------------------------------------- helpers
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _dir_fingerprint(root: Path, names: Sequence[str]) -> str:

@@ -14,7 +14,6 @@ config.update(lfconfig.as_hashable(_validated))
 
 R = "results"
 RUNS = {run.name: run for run in lfconfig.expand_runs(config)}
-DATASETS = lfconfig.token_datasets(config)
 ENV = "../../envs/learnforget.yaml"
 
 
@@ -25,7 +24,7 @@ wildcard_constraints:
     domain="source|math|code",
 
 
-def checkpoints_of(run):
+def study_checkpoints():
     """Every (run, duration) pair the study evaluates, the base model first."""
     pairs = [("base", "0")]
     for r in RUNS.values():
@@ -34,7 +33,7 @@ def checkpoints_of(run):
 
 
 def finetuned():
-    return [(r, d) for r, d in checkpoints_of(None) if r != "base"]
+    return [(r, d) for r, d in study_checkpoints() if r != "base"]
 
 
 def data_files():
@@ -132,7 +131,7 @@ def analysis_params(wildcards):
 
 
 def all_evaluations(wildcards=None):
-    return [f"{R}/evals/{r}/{d}.json" for r, d in checkpoints_of(None)]
+    return [f"{R}/evals/{r}/{d}.json" for r, d in study_checkpoints()]
 
 
 def all_spectral(wildcards=None):
