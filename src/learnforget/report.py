@@ -301,8 +301,8 @@ def _setting_findings(metrics, key, runs, methods, lspec, fspec, tol) -> list[st
             n = len(c["durations"])
             detail = _pairs_text(c["durations"], c["a"], c["b"])
             if c["verdict"] == "mixed":
-                out.append(f"- **Equal duration**: {a} vs {b}: mixed: {a} forgot less at {c['n_less']} and more "
-                           f"at {c['n_more']} of {n} shared durations (forgetting score {a} vs {b}: {detail}).")
+                out.append(f"- **Equal duration**: {a} vs {b}: mixed: of {n} shared durations, {a} forgot less "
+                           f"at {c['n_less']} and more at {c['n_more']} (forgetting score {a} vs {b}: {detail}).")
             else:
                 k = max(c["n_less"], c["n_more"])
                 scope = ("the only shared duration" if n == 1 else
@@ -338,8 +338,8 @@ def _setting_findings(metrics, key, runs, methods, lspec, fspec, tol) -> list[st
                 where = (f"interpolated at matched {spec_label(lspec)} levels within the shared range "
                          f"{_fmt(lo)}–{_fmt(hi)}; forgetting score {a} vs {b}: {detail}")
                 if c["verdict"] == "mixed":
-                    out.append(f"- **Equal learning**: {a} vs {b}: mixed: {a} forgot less at {c['n_less']} and more "
-                               f"at {c['n_more']} of {len(c['levels'])} matched levels ({where}).")
+                    out.append(f"- **Equal learning**: {a} vs {b}: mixed: of {len(c['levels'])} matched levels, {a} "
+                               f"forgot less at {c['n_less']} and more at {c['n_more']} ({where}).")
                 else:
                     n, k = len(c["levels"]), max(c["n_less"], c["n_more"])
                     scope = "" if (k == n or c["verdict"] == "same") else f"{k} of {n} levels, about equal at the rest; "
