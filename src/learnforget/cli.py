@@ -26,6 +26,13 @@ def _validate(args) -> int:
     return 0
 
 
+def _config_reference(args) -> int:
+    from learnforget.reference import markdown
+
+    print(markdown(), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="learnforget", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--show", action="store_true", help="print the config with defaults filled in")
     v.set_defaults(func=_validate)
     r = sub.add_parser("config-reference", help="print the config reference (markdown) that the README embeds")
-    r.set_defaults(func=lambda args: print(__import__("learnforget.reference").reference.markdown(), end="") or 0)
+    r.set_defaults(func=_config_reference)
     args = parser.parse_args(argv)
     return args.func(args)
 

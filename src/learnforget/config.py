@@ -129,22 +129,15 @@ class Run:
         return self.labels[i - 1]
 
     @property
-    def spans_longest(self) -> bool:
-        """One length-dependent schedule over the run's longest duration (its shorter durations
-        are intermediate checkpoints of that schedule)."""
-        from learnforget.schedules import length_independent
+    def train_config(self):
+        from learnforget.train import TrainConfig
 
-        return (not length_independent(self.train.get("schedule", "constant"))
-                and self.train.get("schedule_length", "duration") == "longest")
+        return TrainConfig.from_dict(self.train)
 
     @property
     def continues(self) -> bool:
         """Whether a duration continues from the previous one instead of starting from the base."""
-        from learnforget.schedules import length_independent
-
-        independent = (length_independent(self.train.get("schedule", "constant"))
-                       and self.train.get("warmup_fraction") is None)
-        return independent or self.spans_longest
+        return self.train_config.continues
 
     @property
     def is_adapter(self) -> bool:
@@ -165,7 +158,7 @@ class Run:
             "duration": self.duration_value(label),
             "previous": self.previous(label),
             # the schedule's length depends on every duration only when it spans the longest
-            "durations": list(self.durations) if self.spans_longest else None,
+            "durations": list(self.durations) if self.train_config.spans_longest else None,
         }
 
     def meta(self) -> dict:

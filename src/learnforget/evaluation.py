@@ -217,14 +217,8 @@ def _check_data(tasks: Iterable[str], data_root: Path) -> dict[str, dict[str, di
             path = data_root / rel
             if not path.is_file():
                 raise FileNotFoundError(f"task {name!r} needs its {split} data {path}, which does not exist")
-            info[name][split] = {"path": str(rel), "sha256": _sha256(path)}
+            info[name][split] = {"path": str(rel), "sha256": io.sha256_file(path)}
     return info
-
-
-def _sha256(path: Path) -> str:
-    from learnforget.io import sha256_file
-
-    return sha256_file(path)
 
 
 def _jsonable(obj: Any) -> Any:

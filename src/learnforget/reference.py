@@ -73,4 +73,4 @@ def markdown() -> str:
     for key, cls in (("source", data.SourceConfig), ("math", data.MathConfig), ("code", data.CodeConfig)):
         parts += ["", f"### `data.{key}`", "",
                   _table([(f"`{n}`", d, h) for n, d, h in _dataclass_rows(cls)], ["key", "default", "meaning"])]
-    return "\n".join(parts).replace("| meaning |", "| meaning |").rstrip() + "\n"
+    return "\n".join(parts).rstrip() + "\n"

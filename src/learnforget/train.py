@@ -129,6 +129,23 @@ class TrainConfig:
         d["betas"] = list(self.betas)
         return d
 
+    @property
+    def length_independent(self) -> bool:
+        """Every step's learning rate is the same whatever the run's length (so a checkpoint
+        continues to any longer duration and adding a duration trains only what is new)."""
+        return length_independent(self.schedule) and self.warmup_fraction is None
+
+    @property
+    def spans_longest(self) -> bool:
+        """One length-dependent schedule over the run's longest duration; shorter durations are
+        its intermediate checkpoints."""
+        return not self.length_independent and self.schedule_length == "longest"
+
+    @property
+    def continues(self) -> bool:
+        """Whether a duration continues from the run's previous one instead of the base."""
+        return self.length_independent or self.spans_longest
+
     def warmup_for(self, total_steps: int) -> int:
         if self.warmup_fraction is not None:
             return int(math.ceil(self.warmup_fraction * total_steps))
@@ -297,21 +314,17 @@ def train(
 
 
 # ----------------------------------------------------------------------------- helpers
-def _sha256(path: Path) -> str:
-    return sha256_file(path)
-
-
 def _dir_fingerprint(root: Path, names: Sequence[str]) -> str:
     """sha256 over the named files of a folder (those that exist), in order."""
     h = hashlib.sha256()
     for name in names:
         if (root / name).is_file():
-            h.update(name.encode() + b"\0" + _sha256(root / name).encode())
+            h.update(name.encode() + b"\0" + sha256_file(root / name).encode())
     return h.hexdigest()
 
 
 def _file_hashes(root: Path, skip: Sequence[str] = ("manifest.json",)) -> dict[str, str]:
-    return {str(p.relative_to(root)): _sha256(p)
+    return {str(p.relative_to(root)): sha256_file(p)
             for p in sorted(root.rglob("*")) if p.is_file() and str(p.relative_to(root)) not in skip}
 
 
@@ -464,13 +477,9 @@ def finetune(
         raise ValueError(f"tokens use eos id {td.eos_id} but the tokenizer's is {tokenizer.eos_token_id}")
     batches = Batches(td, regime, cfg.batch_size, cfg.seq_len, seed=cfg.seed, pad_id=tokenizer.pad_token_id)
     steps = duration_to_steps(duration, unit, batches)
-    # A length-independent schedule gives every step the same learning rate whatever the run's
-    # length, so a checkpoint continues to any longer duration (adding a duration trains only
-    # what is new). Otherwise the schedule spans this duration, or the run's longest one.
-    independent = length_independent(cfg.schedule) and cfg.warmup_fraction is None
-    shared = independent or cfg.schedule_length == "longest"
-    schedule_total = steps if independent else (
-        duration_to_steps(max(durations), unit, batches) if shared else steps)
+    # The schedule spans this duration, or the run's longest one (see TrainConfig.continues).
+    independent, shared = cfg.length_independent, cfg.continues
+    schedule_total = duration_to_steps(max(durations), unit, batches) if cfg.spans_longest else steps
     run_cfg = {"base_dir": str(base_dir), "token_dir": str(token_dir), "regime": regime,
                "method": m.to_dict(), "train_cfg": cfg.to_dict(), "unit": unit, "durations": sorted(durations),
                "tokens_sha256": _dir_fingerprint(Path(token_dir), ("ids.npy", "mask.npy", "offsets.npy")),
