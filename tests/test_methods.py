@@ -107,7 +107,7 @@ def test_registering_a_method_is_one_entry(model):
     @register("freeze_embeddings_test")
     @dataclass
     class FreezeEmbeddings(MethodConfig):
-        def prepare(self, model):
+        def prepare(self, model, total_steps=None):
             for n, p in model.named_parameters():
                 p.requires_grad_("embed" not in n)
             return model

@@ -148,7 +148,7 @@ def test_every_method_trains_and_reloads(world, tmp_path, name):
     with torch.no_grad():
         assert not torch.allclose(base(input_ids=x).logits, a, atol=1e-3)  # training changed something
     # the loader used to continue training gives the same model, trainable
-    cont = method.load(world / "base", tmp_path / "model")
+    cont = method.load(world / "base", tmp_path)
     assert count_parameters(cont)[0] == count_parameters(model)[0] > 0
 
 

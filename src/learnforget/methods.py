@@ -68,10 +68,27 @@ def _check(cond: bool, cls_name: str, field_name: str, msg: str) -> None:
 
 @dataclass
 class MethodConfig:
-    """Base class: a method's settings plus how it prepares, saves and loads a model."""
+    """Base class: a method's settings plus the hooks the training loop calls.
+
+    The loop (:func:`learnforget.train.train`) calls, in order:
+
+    - ``prepare(model, total_steps=T)`` once on the base model (T: the optimizer steps of the
+      whole schedule; :attr:`needs_total_steps` methods such as AdaLoRA depend on it);
+    - every step: ``loss = task_loss + regularizer(model)`` (when not None), backward, gradient
+      clipping, the optimizer step with ``lr = peak * schedule(step) * lr_multiplier(step)``, then
+      ``after_step(model, optimizer, step)`` (gradients are still there; ``step`` is 0-based);
+    - ``summary(model)`` once at the end, recorded in the checkpoint's manifest;
+    - ``save(model, ckpt / "model", tokenizer)`` writes the published checkpoint (a normal HF
+      model, or a peft adapter when :attr:`is_adapter`); ``save_state(model, ckpt)`` writes
+      anything else resuming needs into the checkpoint folder ``ckpt`` (by default nothing);
+      ``load(base_dir, ckpt, total_steps=T)`` reads both back as a trainable model;
+      ``extra_state(model)`` / ``load_extra_state(model, d)`` carry other method state
+      (tensors and plain values) through ``state.pt``.
+    """
 
     type: ClassVar[str] = ""
     is_adapter: ClassVar[bool] = False
+    needs_total_steps: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **dataclasses.asdict(self)}
@@ -80,13 +97,38 @@ class MethodConfig:
     def help(cls) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def prepare(self, model: torch.nn.Module, total_steps: int | None = None) -> torch.nn.Module:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def regularizer(self, model: torch.nn.Module) -> torch.Tensor | None:
+        return None
+
+    def weight_decay(self) -> float | None:
+        """A weight decay that overrides the run's ``train.weight_decay`` (None: keep it)."""
+        return None
+
+    def lr_multiplier(self, step: int) -> float:
+        return 1.0
+
+    def after_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        return None
+
+    def summary(self, model: torch.nn.Module) -> dict[str, Any]:
+        return {}
+
+    def extra_state(self, model: torch.nn.Module) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, model: torch.nn.Module, state: dict[str, Any]) -> None:
+        return None
 
     def save(self, model: torch.nn.Module, out_dir: str | Path, tokenizer=None) -> None:
         raise NotImplementedError  # pragma: no cover
 
-    def load(self, base_dir: str | Path, ckpt_dir: str | Path) -> torch.nn.Module:
+    def save_state(self, model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+        return None
+
+    def load(self, base_dir: str | Path, ckpt_dir: str | Path, total_steps: int | None = None) -> torch.nn.Module:
         raise NotImplementedError  # pragma: no cover
 
 
@@ -95,7 +137,7 @@ class MethodConfig:
 class FullConfig(MethodConfig):
     """Full finetuning: every parameter of the base model is trained."""
 
-    def prepare(self, model):
+    def prepare(self, model, total_steps=None):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
@@ -105,8 +147,8 @@ class FullConfig(MethodConfig):
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
 
-    def load(self, base_dir, ckpt_dir):
-        return self.prepare(load_model(ckpt_dir))
+    def load(self, base_dir, ckpt_dir, total_steps=None):
+        return self.prepare(load_model(Path(ckpt_dir) / "model"))
 
 
 @register("lora")
@@ -165,7 +207,7 @@ class LoraMethodConfig(MethodConfig):
             bias="none",
         )
 
-    def prepare(self, model):
+    def prepare(self, model, total_steps=None):
         from peft import get_peft_model
 
         return get_peft_model(model, self.peft_config())
@@ -175,10 +217,10 @@ class LoraMethodConfig(MethodConfig):
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
 
-    def load(self, base_dir, ckpt_dir):
+    def load(self, base_dir, ckpt_dir, total_steps=None):
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_model(base_dir), str(ckpt_dir), is_trainable=True)
+        return PeftModel.from_pretrained(load_model(base_dir), str(Path(ckpt_dir) / "model"), is_trainable=True)
 
 
 @register("dora")

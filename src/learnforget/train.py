@@ -202,12 +202,16 @@ def _seed_all(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; weight decay on matrices only (nanoGPT's split)."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, method: MethodConfig | None = None
+                   ) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; weight decay on matrices only (nanoGPT's split).
+    A method's :meth:`~learnforget.methods.MethodConfig.weight_decay` overrides the config's."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    wd = method.weight_decay() if method is not None else None
+    wd = cfg.weight_decay if wd is None else wd
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
 
 
@@ -223,6 +227,7 @@ def train(
     log_path: str | Path | None = None,
     progress: bool = True,
     desc: str = "train",
+    method: MethodConfig | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train ``model`` from ``start_step`` to ``end_step`` (optimizer updates) and return (model, state).
 
@@ -232,12 +237,16 @@ def train(
     ``end_step``). One JSONL record per step is appended to ``log_path``: step (after the
     update, 1-based), loss, lr, grad_norm, tokens (cumulative non-padding inputs), loss_tokens,
     epoch (fractional), elapsed (cumulative training seconds).
+
+    ``method`` (a :class:`~learnforget.methods.MethodConfig`) gets its per-step hooks called:
+    ``regularizer`` is added to the loss, ``lr_multiplier`` scales the schedule and
+    ``after_step`` runs after each optimizer step.
     """
     cfg = TrainConfig.from_dict(cfg)
     torch.set_num_threads(cfg.threads)
     schedule_total = end_step if schedule_total is None else schedule_total
     sched = cfg.schedule_fn(schedule_total)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, method)
     params = [p for g in opt.param_groups for p in g["params"]]
     if state is not None:
         if int(state["step"]) != start_step:
@@ -263,7 +272,7 @@ def train(
     t0 = time.perf_counter()
     try:
         for step in range(start_step, end_step):
-            lr = cfg.lr * sched(step)
+            lr = cfg.lr * sched(step) * (method.lr_multiplier(step) if method is not None else 1.0)
             for g in opt.param_groups:
                 g["lr"] = lr
             batch = next(batches)
@@ -273,14 +282,17 @@ def train(
                                        batch.targets.reshape(-1), ignore_index=IGNORE_INDEX)
             else:  # nothing to learn in this batch (e.g. prompts longer than seq_len)
                 loss = logits.sum() * 0.0
+            reg = method.regularizer(model) if method is not None else None
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if reg is None else loss + reg).backward()
             if cfg.grad_clip > 0:
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=False))
             else:
                 gnorm = float(torch.linalg.vector_norm(
                     torch.stack([p.grad.norm() for p in params if p.grad is not None])))
             opt.step()
+            if method is not None:
+                method.after_step(model, opt, step)
             tokens += batch.n_tokens
             loss_tokens += batch.n_loss_tokens
             now = time.perf_counter()
@@ -498,14 +510,15 @@ def finetune(
             raise ValueError(f"{prev} is at step {state['step']}, beyond this duration's {steps} steps")
         if not independent and state["schedule_total"] != schedule_total:
             raise ValueError(f"{prev} used a schedule of {state['schedule_total']} steps, this run {schedule_total}")
-        model = m.load(base_dir, prev / "model")
+        model = m.load(base_dir, prev, total_steps=schedule_total)
+        m.load_extra_state(model, state.get("method", {}))
         prev_log = read_jsonl(prev / "train_log.jsonl")
         continued_from = str(prev)
     if state is None:
         base = load_model(base_dir)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model = m.prepare(base)
+            model = m.prepare(base, total_steps=schedule_total)
     trainable, total = count_parameters(model)
     start_step = state["step"] if state else 0
     tokens_before = state["tokens"] if state else 0
@@ -517,9 +530,11 @@ def finetune(
         t0 = time.perf_counter()
         model, new_state = train(model, batches, cfg, start_step=start_step, end_step=steps,
                                  schedule_total=schedule_total, state=state, log_path=log, progress=progress,
-                                 desc=f"{run_name or m.type} {duration:g} {unit}")
+                                 desc=f"{run_name or m.type} {duration:g} {unit}", method=m)
         job_seconds = time.perf_counter() - t0
         m.save(model, tmp / "model", tokenizer)
+        m.save_state(model, tmp)
+        new_state["method"] = m.extra_state(model)
         torch.save(new_state, tmp / "state.pt")
         base_cfg = model.config if not m.is_adapter else model.get_base_model().config
         fpt = flops_per_token(base_cfg, cfg.seq_len)
