@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 from learnforget.io import read_json, read_jsonl
 from learnforget.methods import METHODS, method_from_dict
 from learnforget.modeling import build_model, count_parameters, load_model
-from learnforget.schedules import SCHEDULES, length_independent, make_schedule
+from learnforget.optim import Lion
+from learnforget.schedules import SCHEDULES, cooldown_start, length_independent, make_schedule
 from learnforget.tokens import Batches, load_tokens, save_tokens, tokenize_cpt, tokenize_ift
-from learnforget.train import TrainConfig, duration_to_steps, finetune, pretrain_base, train
+from learnforget.train import TrainConfig, duration_to_steps, finetune, plan_segment, pretrain_base, train
 
 torch.set_num_threads(1)
 
@@ -23,7 +24,10 @@ ARCH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
             num_key_value_heads=2, max_position_embeddings=64)
 CFG = dict(lr=3e-3, batch_size=8, seq_len=24, threads=1, seed=0)
 METHOD_CASES = {"full": {"type": "full"}, "lora": {"type": "lora", "rank": 4, "dropout": 0.1},
-                "dora": {"type": "dora", "rank": 4, "target": "attention"}}
+                "dora": {"type": "dora", "rank": 4, "target": "attention"},
+                "full-dropout": {"type": "full", "dropout": 0.1}, "full-wd": {"type": "full", "wd": 0.1},
+                "adalora": {"type": "adalora", "init_r": 4, "target_r": 2, "deltaT": 2},
+                "relora": {"type": "relora", "rank": 4, "merge_every": 7, "rewarmup_steps": 2}}
 
 
 def make_tokenizer(texts, vocab=300):
@@ -64,6 +68,8 @@ def _same_weights(a, b):
     ({"schedule": "linear"}, "schedule"), ({"grad_clip": -1}, "grad_clip"), ({"optimizer": "sgd"}, "optimizer"),
     ({"warmup_fraction": 0.1, "warmup_steps": 3}, "warmup_fraction"), ({"min_lr_ratio": 2}, "min_lr_ratio"),
     ({"schedule_length": "forever"}, "schedule_length"), ({"learning_rate": 1e-3}, "learning_rate"),
+    ({"cooldown_fraction": 1.0}, "cooldown_fraction"), ({"precision": "fp8"}, "precision"),
+    ({"save_every_steps": -1}, "save_every_steps"), ({"tensorboard": "yes"}, "tensorboard"),
 ])
 def test_train_config_errors_name_the_key(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -89,13 +95,53 @@ def test_schedule_shapes():
     assert cos(60) == pytest.approx(0.505)  # half-way: mean of peak and floor
     assert cos(110) == pytest.approx(0.01) and cos(500) == pytest.approx(0.01)
     assert all(cos(s) > cos(s + 1) for s in range(10, 109))
-    wsd = make_schedule("wsd", warmup_steps=2, total_steps=100, decay_fraction=0.2, min_lr_ratio=0.0)
+    wsd = make_schedule("wsd", warmup_steps=2, total_steps=100, cooldown_fraction=0.2, min_lr_ratio=0.0)
     assert wsd(1) == 1.0 and wsd(50) == 1.0 and wsd(79) == 1.0
-    assert wsd(80) == 1.0 and wsd(90) == pytest.approx(0.5) and wsd(100) == pytest.approx(0.0)
-    assert length_independent("constant") and not length_independent("cosine") and not length_independent("wsd")
-    assert set(SCHEDULES) >= {"constant", "cosine", "wsd"}
+    assert wsd(80) == pytest.approx(0.95) and wsd(89) == pytest.approx(0.5) and wsd(99) == pytest.approx(0.0)
+    inv = make_schedule("inverse_sqrt", warmup_steps=4, total_steps=100, cooldown_fraction=0.1, min_lr_ratio=0.01)
+    assert [inv(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert inv(15) == pytest.approx(0.5) and inv(63) == pytest.approx(0.25)  # sqrt(4 / (step + 1))
+    assert inv(90) < inv(89) and inv(99) == pytest.approx(0.01)
+    assert all(inv(s) >= inv(s + 1) for s in range(3, 99))
+    # the trunk (no total) is the same curve without the cool-down
+    trunk = make_schedule("inverse_sqrt", warmup_steps=4, cooldown_fraction=0.1)
+    assert all(trunk(s) == inv(s) for s in range(90)) and trunk(99) == pytest.approx(0.2)
+    assert length_independent("constant") and length_independent("wsd") and length_independent("inverse_sqrt")
+    assert not length_independent("cosine")
+    assert set(SCHEDULES) >= {"constant", "cosine", "wsd", "inverse_sqrt"}
     with pytest.raises(ValueError, match="total_steps"):
         make_schedule("cosine")
+    assert cooldown_start("wsd", 100, 0.2) == 80 and cooldown_start("constant", 100, 0.2) == 100
+    assert cooldown_start("wsd", 3, 0.1) == 2  # at least one cool-down step
+
+
+@pytest.mark.parametrize("train, method, part, expected", [
+    ({}, {"type": "lora"}, "final", ("continue", 10, None, "previous")),
+    ({"schedule": "wsd"}, {"type": "full"}, "final", ("branch", 10, 10, "trunk")),
+    ({"schedule": "inverse_sqrt", "cooldown_fraction": 0.2}, {"type": "full"}, "trunk", ("branch", 8, None, "previous")),
+    ({"schedule": "wsd", "cooldown_fraction": 0}, {"type": "full"}, "final", ("continue", 10, None, "previous")),
+    ({"schedule": "cosine"}, {"type": "full"}, "final", ("restart", 10, 10, "base")),
+    ({"schedule": "cosine", "schedule_length": "longest"}, {"type": "full"}, "final", ("longest", 10, 40, "previous")),
+    ({"warmup_fraction": 0.1}, {"type": "full"}, "final", ("restart", 10, 10, "base")),
+])
+def test_plan_segment(train, method, part, expected):
+    plan = plan_segment(TrainConfig.from_dict(train), method_from_dict(method), part, 10, 40)
+    assert (plan["mode"], plan["end_step"], plan["schedule_total"], plan["from"]) == expected
+
+
+def test_lion_steps_by_the_sign_and_decays_with_the_schedule():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    p.grad = torch.tensor([3.0, -0.001, 0.0])
+    opt.step()
+    # first step: m = 0, update = sign(0.1 * g); p <- p * (1 - 0.5) - 0.1 * sign
+    assert torch.allclose(p.detach(), torch.tensor([0.5 - 0.1, -1.0 + 0.1, 0.25]))
+    assert torch.allclose(opt.state[p]["exp_avg"], 0.01 * torch.tensor([3.0, -0.001, 0.0]))
+    opt.param_groups[0]["lr"] = 0.05  # half the peak: half the decay
+    before = p.detach().clone()
+    p.grad = torch.tensor([1.0, -1.0, 0.0])  # sign(0.9 * m + 0.1 * g) = [1, -1, 0]
+    opt.step()
+    assert torch.allclose(p.detach(), before * 0.75 - 0.05 * torch.tensor([1.0, -1.0, 0.0]))
 
 
 # ----------------------------------------------------------------------------- base
@@ -116,7 +162,7 @@ def test_pretrain_base_writes_a_loadable_hf_dir(world, tmp_path):
 
 
 # ----------------------------------------------------------------------------- every method
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(set(METHODS) | set(METHOD_CASES)))  # every method has a case
 def test_every_method_trains_and_reloads(world, tmp_path, name):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -124,10 +170,12 @@ def test_every_method_trains_and_reloads(world, tmp_path, name):
     method = method_from_dict(METHOD_CASES[name])
     tok = AutoTokenizer.from_pretrained(world / "tokenizer")
     torch.manual_seed(0)
-    model = method.prepare(load_model(world / "base"))
+    model = method.prepare(load_model(world / "base"), total_steps=15)
     batches = Batches(load_tokens(world / "math_ift"), "ift", 8, 24, seed=0)
     log = tmp_path / "log.jsonl"
-    model, state = train(model, batches, CFG, end_step=15, log_path=log, progress=False)
+    # AdaLoRA starts from E = 0 and P, Q of std 0.02 (peft's init): it needs a larger step to move in 15 steps
+    cfg = dict(CFG, lr=2e-2) if method.type == "adalora" else CFG
+    model, state = train(model, batches, cfg, end_step=15, log_path=log, progress=False, method=method)
     losses = [r["loss"] for r in read_jsonl(log)]
     assert len(losses) == 15 and state["step"] == 15
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
@@ -148,7 +196,8 @@ def test_every_method_trains_and_reloads(world, tmp_path, name):
     with torch.no_grad():
         assert not torch.allclose(base(input_ids=x).logits, a, atol=1e-3)  # training changed something
     # the loader used to continue training gives the same model, trainable
-    cont = method.load(world / "base", tmp_path)
+    method.save_state(model, tmp_path)
+    cont = method.load(world / "base", tmp_path, total_steps=15)
     assert count_parameters(cont)[0] == count_parameters(model)[0] > 0
 
 
@@ -170,7 +219,8 @@ def test_continuing_equals_training_in_one_go(world, tmp_path, name, regime):
     assert strip(log_one) == strip(log_two) and len(log_one) == one["step"]
     assert one["tokens"] == two["tokens"]
     man = read_json(tmp_path / "two" / "2" / "manifest.json")
-    assert man["files"]["state.pt"] and man["method"]["type"] == name and man["peak_rss_mib"] > 0
+    assert man["files"]["state.pt"] and man["method"]["type"] == name and man["peak_memory_mib"] > 0
+    assert man["mode"] == "continue" and 0 < man["mfu"] < 1 and man["peak_gflops_per_s"] > 0
     assert man["parameters"]["trainable"] < man["parameters"]["total"] or name == "full"
 
 
@@ -217,3 +267,107 @@ def test_same_seed_same_weights_other_seed_differs(world, tmp_path):
     man = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert man["run_cfg"]["train_cfg"]["seed"] == 1 and man["step"] == 6
     assert math.isfinite(man["final_loss"])
+
+
+# ----------------------------------------------------------------------------- trunk and cool-down branches
+def test_cooldown_branches_share_one_trunk(world, tmp_path):
+    """wsd: trunk to each duration's cool-down start, one branch per duration. Adding the longer
+    duration continues the trunk; its branch equals training that duration alone."""
+    cfg = dict(CFG, schedule="wsd", cooldown_fraction=0.4, warmup_steps=2, min_lr_ratio=0.0)
+    kw = dict(method={"type": "lora", "rank": 4}, train_cfg=cfg, progress=False)
+    b, t = tmp_path / "chain", tmp_path / "alone"
+    finetune(world / "base", world / "math_ift", "ift", duration=1, durations=[1, 2], part="trunk",
+             out_dir=b / "trunk" / "1", **kw)
+    one = finetune(world / "base", world / "math_ift", "ift", duration=1, durations=[1, 2],
+                   prev_checkpoint_dir=b / "trunk" / "1", out_dir=b / "1", **kw)
+    trunk2 = finetune(world / "base", world / "math_ift", "ift", duration=2, durations=[1, 2], part="trunk",
+                      prev_checkpoint_dir=b / "trunk" / "1", out_dir=b / "trunk" / "2", **kw)
+    two = finetune(world / "base", world / "math_ift", "ift", duration=2, durations=[1, 2],
+                   prev_checkpoint_dir=b / "trunk" / "2", out_dir=b / "2", **kw)
+    assert (one["mode"], one["start_step"], one["step"]) == ("branch", 3, 5)  # 5 steps, 2 of cool-down
+    assert (trunk2["start_step"], trunk2["step"], two["start_step"], two["step"]) == (3, 6, 6, 10)
+    lrs = [r["lr"] for r in read_jsonl(b / "2" / "train_log.jsonl")]
+    assert lrs[2:6] == [3e-3] * 4 and lrs[-1] == pytest.approx(0.0) and lrs[6] < 3e-3
+    # the same duration trained on its own (a trunk from the base, then its branch)
+    finetune(world / "base", world / "math_ift", "ift", duration=2, durations=[2], part="trunk",
+             out_dir=t / "trunk" / "2", **kw)
+    finetune(world / "base", world / "math_ift", "ift", duration=2, durations=[2],
+             prev_checkpoint_dir=t / "trunk" / "2", out_dir=t / "2", **kw)
+    assert _same_weights(_weights(b / "2"), _weights(t / "2"))
+    assert not _same_weights(_weights(b / "2"), _weights(b / "trunk" / "2"))
+    with pytest.raises(ValueError, match="trunk"):
+        finetune(world / "base", world / "math_ift", "ift", duration=2, durations=[2], out_dir=t / "x", **kw)
+
+
+# ----------------------------------------------------------------------------- resume after a kill
+KILL_SCRIPT = """
+import sys, torch
+from learnforget.train import finetune
+torch.set_num_threads(1)
+finetune(sys.argv[1] + "/base", sys.argv[1] + "/math_cpt", "cpt", method={"type": "full", "dropout": 0.1},
+         train_cfg=dict(lr=3e-3, batch_size=8, seq_len=24, threads=1, seed=0, save_every_steps=4,
+                        warmup_steps=3),
+         duration=400, unit="steps", out_dir=sys.argv[2], resume_dir=sys.argv[3], progress=False)
+"""
+
+
+def test_a_killed_job_resumes_from_its_snapshot_and_matches(world, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, snap = tmp_path / "killed", tmp_path / "resume"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(world), str(out), str(snap)])
+    deadline = time.time() + 120
+    while not (snap / "job.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # let it run on past the first snapshot
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the job finished before it could be killed"
+    assert not out.exists() and (snap / "state.pt").exists()
+    killed_at = torch.load(snap / "state.pt", weights_only=True)["step"]
+    assert 0 < killed_at < 400 and killed_at % 4 == 0
+
+    kw = dict(method={"type": "full", "dropout": 0.1}, duration=400, unit="steps", progress=False,
+              train_cfg=dict(CFG, save_every_steps=4, warmup_steps=3))
+    resumed = finetune(world / "base", world / "math_cpt", "cpt", out_dir=out, resume_dir=snap, **kw)
+    assert resumed["resumed_from_step"] == killed_at and resumed["start_step"] == 0 and not snap.exists()
+    plain = finetune(world / "base", world / "math_cpt", "cpt", out_dir=tmp_path / "plain", **kw)
+    assert plain["resumed_from_step"] is None
+    assert _same_weights(_weights(out), _weights(tmp_path / "plain"))
+    strip = lambda log: [{k: v for k, v in r.items() if k != "elapsed"} for r in log]  # noqa: E731
+    assert strip(read_jsonl(out / "train_log.jsonl")) == strip(read_jsonl(tmp_path / "plain" / "train_log.jsonl"))
+    assert resumed["final_loss"] == plain["final_loss"] and resumed["tokens"] == plain["tokens"]
+
+
+def test_a_snapshot_of_another_configuration_is_not_used(world, tmp_path):
+    kw = dict(method={"type": "lora", "rank": 4}, duration=8, unit="steps", progress=False)
+    finetune(world / "base", world / "math_cpt", "cpt", out_dir=tmp_path / "a", resume_dir=tmp_path / "snap",
+             train_cfg=dict(CFG, save_every_steps=3), **kw)
+    assert not (tmp_path / "snap").exists()  # removed once the checkpoint is complete
+    # a stale snapshot (another lr) sitting where this job would resume from is ignored
+    import shutil
+
+    stale = tmp_path / "stale"
+    finetune(world / "base", world / "math_cpt", "cpt", out_dir=stale, train_cfg=dict(CFG, lr=1e-2), **kw)
+    (tmp_path / "snap").mkdir()
+    shutil.copy(stale / "state.pt", tmp_path / "snap" / "state.pt")
+    shutil.copytree(stale / "model", tmp_path / "snap" / "model")
+    (tmp_path / "snap" / "job.json").write_text(json.dumps({"run_cfg": {"other": 1}, "job": {}}))
+    man = finetune(world / "base", world / "math_cpt", "cpt", out_dir=tmp_path / "b", resume_dir=tmp_path / "snap",
+                   train_cfg=CFG, **kw)
+    assert man["resumed_from_step"] is None and _same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+
+
+def test_ift_packing_packs_examples_into_full_windows(world):
+    td = load_tokens(world / "math_ift")
+    padded = Batches(td, "ift", 4, 24, seed=0)
+    packed = Batches(td, "ift", 4, 24, seed=0, packing=True)
+    assert packed.n_items == (td.n_tokens - 1) // 24 < padded.n_items
+    b = next(packed)
+    assert b.input_ids.shape == (4, 24) and b.n_tokens == 96
+    # the loss counts responses only: fewer loss tokens than inputs, more than none
+    assert 0 < b.n_loss_tokens < b.n_tokens
+    x, y = b.input_ids.numpy(), b.targets.numpy()
+    assert ((y == -100) | (y >= 0)).all()

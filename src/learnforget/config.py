@@ -121,12 +121,13 @@ class Run:
     def duration_value(self, label: str) -> float:
         return self.durations[self.labels.index(label)]
 
-    def previous(self, label: str) -> str | None:
-        """The duration this one continues from, or None when it starts from the base."""
-        i = self.labels.index(label)
-        if i == 0 or not self.continues:
-            return None
-        return self.labels[i - 1]
+    packing: bool = False
+
+    @property
+    def method_config(self):
+        from learnforget.methods import method_from_dict
+
+        return method_from_dict(self.method)
 
     @property
     def train_config(self):
@@ -135,30 +136,56 @@ class Run:
         return TrainConfig.from_dict(self.train)
 
     @property
+    def mode(self) -> str:
+        """How the durations relate: continue, branch, longest or restart (learnforget.train.MODES)."""
+        return self.train_config.mode(self.method_config)
+
+    @property
     def continues(self) -> bool:
-        """Whether a duration continues from the previous one instead of starting from the base."""
-        return self.train_config.continues
+        """Whether a duration builds on the previous one instead of starting from the base."""
+        return self.mode != "restart"
+
+    @property
+    def trunk_labels(self) -> tuple[str, ...]:
+        """Durations with a trunk checkpoint (mode branch: every one)."""
+        return self.labels if self.mode == "branch" else ()
+
+    def previous(self, label: str, part: str = "final") -> str | None:
+        """The checkpoint a job continues from, as ``label`` or ``trunk/label``; None: the base."""
+        i = self.labels.index(label)
+        if part == "trunk" or self.mode in ("continue", "longest"):
+            if i == 0:
+                return None
+            return ("trunk/" if part == "trunk" else "") + self.labels[i - 1]
+        return f"trunk/{label}" if self.mode == "branch" else None
 
     @property
     def is_adapter(self) -> bool:
-        from learnforget.methods import method_from_dict
+        return self.method_config.is_adapter
 
-        return method_from_dict(self.method).is_adapter
+    def runtime(self) -> dict:
+        """Settings that change how a job runs, not its result (never in Snakemake params)."""
+        from learnforget.train import RUNTIME_KEYS
 
-    def train_params(self, label: str) -> dict:
+        full = self.train_config.to_dict()
+        return {k: full[k] for k in RUNTIME_KEYS}
+
+    def train_params(self, label: str, part: str = "final") -> dict:
         """Everything a train job's result depends on (Snakemake reruns it when this changes)."""
         return {
             "run": self.name,
+            "part": part,
             "domain": self.domain,
             "regime": self.regime,
+            "packing": self.packing,
             "method": self.method,
-            "train": self.train,
+            "train": self.train_config.result_dict(),
             "seed": self.seed,
             "unit": self.unit,
             "duration": self.duration_value(label),
-            "previous": self.previous(label),
+            "previous": self.previous(label, part),
             # the schedule's length depends on every duration only when it spans the longest
-            "durations": list(self.durations) if self.train_config.spans_longest else None,
+            "durations": list(self.durations) if self.mode == "longest" else None,
         }
 
     def meta(self) -> dict:
@@ -188,7 +215,7 @@ def expand_runs(cfg: dict) -> list[Run]:
                 name=r["name"], domain=r["domain"], regime=r["regime"], method_name=r["method"],
                 method=dict(cfg["methods"].get(r["method"], {})), train=train, seed=r["seed"],
                 durations=tuple(float(d) for d in durations), unit=unit,
-                dataset=f"{r['domain']}_{r['regime']}", labels=labels,
+                dataset=f"{r['domain']}_{r['regime']}", labels=labels, packing=bool(r.get("packing", False)),
             )
         )
     return runs
@@ -221,9 +248,10 @@ def check(cfg: dict) -> None:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
             raise ConfigError(f"methods.{name}", "method names must be filesystem-safe")
         method = _check_component(f"methods.{name}", method_from_dict, m)
-        rank = getattr(method, "rank", None)
-        if rank is not None and rank >= hidden:
-            raise ConfigError(f"methods.{name}.rank", f"rank {rank} must be below the model width {hidden}")
+        for key in ("rank", "init_r"):
+            rank = getattr(method, key, None)
+            if rank is not None and rank >= hidden:
+                raise ConfigError(f"methods.{name}.{key}", f"{key} {rank} must be below the model width {hidden}")
 
     seen: dict[str, int] = {}
     for i, r in enumerate(cfg["runs"]):
@@ -238,6 +266,8 @@ def check(cfg: dict) -> None:
         if r["domain"] == "math" and r["regime"] not in ("ift", "cpt"):
             raise ConfigError(f"{where}.regime", f"unsupported regime {r['regime']!r}")
         tc = _check_component(f"{where}.train", TrainConfig.from_dict, {**cfg["finetune"], **r.get("train", {})})
+        if r.get("packing") and r["regime"] != "ift":
+            raise ConfigError(f"{where}.packing", "packing applies to ift runs (cpt text is always packed)")
         if tc.seq_len > context:
             raise ConfigError(f"{where}.train.seq_len", f"{tc.seq_len} exceeds model.max_position_embeddings {context}")
         durations = r.get("durations", cfg["durations"]["values"])

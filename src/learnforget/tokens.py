@@ -16,7 +16,9 @@ Batches (:class:`Batches`) are built from those arrays:
   left out. Documents are packed across window boundaries (EOS separates them).
 - ``ift`` (instruction finetuning): one example per row, truncated to ``seq_len`` inputs and
   right-padded to the longest row of the batch; targets are -100 on padding and where
-  ``mask == 0`` (the prompt).
+  ``mask == 0`` (the prompt). With ``packing=True`` IFT examples are packed like CPT windows
+  instead (no padding; an example may continue into the next window; the loss still counts
+  only where ``mask == 1``).
 
 Epochs are shuffled with ``numpy.random.default_rng([seed, epoch])``, so the order depends
 only on the seed and the epoch. Batches are drawn from the endless sequence of shuffled
@@ -255,7 +257,7 @@ class Batches:
     """Endless, resumable batches over shuffled epochs of a :class:`TokenData` (see module doc)."""
 
     def __init__(self, td: TokenData, regime: str, batch_size: int, seq_len: int, seed: int = 0,
-                 pad_id: int | None = None):
+                 pad_id: int | None = None, packing: bool = False):
         if regime not in REGIMES:
             raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
         if td.regime is not None and td.regime != regime:
@@ -264,7 +266,8 @@ class Batches:
             raise ValueError("batch_size and seq_len must be >= 1")
         self.td, self.regime, self.batch_size, self.seq_len, self.seed = td, regime, batch_size, seq_len, seed
         self.pad_id = int(pad_id if pad_id is not None else (td.eos_id if td.eos_id is not None else 0))
-        if regime == "cpt":
+        self.packed = regime == "cpt" or bool(packing)
+        if self.packed:
             self.n_items = (td.n_tokens - 1) // seq_len
             if self.n_items < 1:
                 raise ValueError(f"{td.n_tokens} tokens do not fill one window of {seq_len + 1}")
@@ -299,7 +302,7 @@ class Batches:
             self._perm_epoch = epoch
         return self._perm
 
-    def _next_items(self) -> list[int]:
+    def next_items(self) -> list[int]:
         items: list[int] = []
         while len(items) < self.batch_size:
             if self.index >= self.n_items:
@@ -313,11 +316,11 @@ class Batches:
         return self
 
     def __next__(self) -> Batch:
-        return self.make_batch(self._next_items())
+        return self.make_batch(self.next_items())
 
     def make_batch(self, items: Sequence[int]) -> Batch:
         T, td = self.seq_len, self.td
-        if self.regime == "cpt":
+        if self.packed:
             starts = np.asarray(items, dtype=np.int64) * T
             idx = starts[:, None] + np.arange(T + 1)[None, :]
             w = np.asarray(td.ids[idx], dtype=np.int64)

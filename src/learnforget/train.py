@@ -3,42 +3,63 @@
 Reads top to bottom: the settings (:class:`TrainConfig`), the loop (:func:`train`), and the two
 entry points the pipeline scripts call: :func:`pretrain_base` and :func:`finetune`.
 
-Continuation. A finetuning checkpoint holds the model (or adapter) and ``state.pt`` (optimizer,
-step, data position, RNG states, tokens seen). :func:`finetune` continues from an earlier
-checkpoint of the same run only when the learning rate at every step is the same whatever the
-duration: the schedule is length-independent (constant) or ``schedule_length: longest`` makes
-every duration of the run share one schedule over the longest duration. Continuing then gives
-the same weights as training in one go (bitwise on CPU with the same thread count).
+Durations. A finetuning checkpoint holds the published model (or adapter), ``state.pt``
+(optimizer, step, data position, RNG states, tokens seen, method state) and a manifest. How the
+durations of a run relate is its *mode* (:data:`MODES`, :meth:`TrainConfig.mode`): with a
+length-independent schedule each duration continues from the previous one (``continue``), or,
+when the schedule ends in a cool-down (inverse_sqrt, wsd), one trunk runs to each duration's
+cool-down start and a short cool-down branch per duration gives its checkpoint (``branch``);
+a length-dependent schedule (cosine) trains each duration from the base (``restart``) unless
+``schedule_length: longest`` shares one schedule over the longest duration (``longest``).
+Continuing gives the same weights as training in one go (bitwise on CPU, same thread count).
+
+Resume. With a ``resume_dir`` a job snapshots its whole state at an interval; a job killed and
+rerun continues from the snapshot and ends with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import platform
 import random
-import resource
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from learnforget.accounting import measured_peak_flops, peak_memory_mib, speed
 from learnforget.io import atomic_path, read_json, read_jsonl, sha256_file, write_json
 from learnforget.methods import MethodConfig, method_from_dict
 from learnforget.modeling import build_model, count_parameters, flops_per_token, load_model
-from learnforget.schedules import SCHEDULES, length_independent, make_schedule
+from learnforget.optim import OPTIMIZERS
+from learnforget.optim import make_optimizer as _make_optimizer
+from learnforget.schedules import SCHEDULES, cooldown_start, has_cooldown, length_independent, make_schedule
 from learnforget.tokens import IGNORE_INDEX, Batches, load_tokens, mix
 
-OPTIMIZERS = ("adamw",)
 UNITS = ("epochs", "tokens", "steps")
 SCHEDULE_LENGTHS = ("duration", "longest")
+PRECISIONS = ("fp32", "bf16")
+# Settings that change how a job runs but not what it computes: excluded from the comparison
+# that decides whether a checkpoint may be continued, and from Snakemake's params.
+RUNTIME_KEYS = ("threads", "save_every_steps", "save_every_minutes", "tensorboard")
+
+# How the durations of one run relate (TrainConfig.mode):
+MODES = {
+    "continue": "one trunk: each duration continues from the previous one (schedule without cool-down)",
+    "branch": "one trunk to each duration's cool-down start, then a cool-down branch per duration",
+    "longest": "one schedule over the longest duration; shorter ones are its intermediate checkpoints",
+    "restart": "each duration is its own run from the base (the schedule depends on the length)",
+}
 
 
 # ----------------------------------------------------------------------------- settings
@@ -47,25 +68,38 @@ class TrainConfig:
     """Training settings (``train_cfg``); unknown keys and bad values raise ValueError naming them."""
 
     lr: float = field(default=5e-4, metadata={"help": "Peak learning rate."})
-    batch_size: int = field(default=16, metadata={"help": "Sequences per optimizer step."})
+    batch_size: int = field(default=16, metadata={"help": "Sequences per optimizer step (the global batch)."})
     seq_len: int = field(default=128, metadata={"help": "Tokens per sequence (CPT window / IFT truncation)."})
-    optimizer: str = field(default="adamw", metadata={"help": "Optimizer: adamw (torch.optim.AdamW)."})
-    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "Adam betas."})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw (torch.optim.AdamW) or lion (decoupled Lion, the paper's; weight decay follows the schedule)."})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "Adam/Lion betas."})
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay on matrices (dim >= 2)."})
     eps: float = field(default=1e-8, metadata={"help": "Adam epsilon."})
     grad_clip: float = field(default=1.0, metadata={"help": "Max global gradient norm; 0 turns clipping off."})
-    schedule: str = field(default="constant", metadata={"help": "LR schedule: constant, cosine, wsd."})
+    schedule: str = field(default="constant", metadata={
+        "help": "LR schedule: constant, cosine (to min_lr_ratio), inverse_sqrt or wsd (each with a cool-down)."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
     warmup_fraction: float | None = field(
-        default=None, metadata={"help": "Warm-up as a fraction of the schedule's length (instead of warmup_steps)."})
-    min_lr_ratio: float = field(default=0.01, metadata={"help": "cosine/wsd: final LR as a fraction of the peak."})
-    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: fraction of the steps spent decaying."})
+        default=None, metadata={"help": "Warm-up as a fraction of the schedule's length (instead of warmup_steps; "
+                                        "makes every schedule length-dependent)."})
+    min_lr_ratio: float = field(default=0.01, metadata={
+        "help": "Final LR of cosine and of a cool-down, as a fraction of the peak."})
+    cooldown_fraction: float = field(default=0.2, metadata={
+        "help": "inverse_sqrt/wsd: share of each duration spent in the linear cool-down (0: none)."})
     schedule_length: str = field(
         default="duration",
-        metadata={"help": "Length of a length-dependent schedule: 'duration' (each duration is its own run, "
+        metadata={"help": "Length of a length-dependent schedule (cosine): 'duration' (each duration is its own run, "
                           "trained from the base) or 'longest' (one schedule over the run's longest duration; "
-                          "shorter durations are its intermediate checkpoints and may be continued)."})
-    threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
+                          "shorter durations are its intermediate checkpoints)."})
+    precision: str = field(default="fp32", metadata={
+        "help": "fp32, or bf16 (autocast; fp32 master weights and optimizer state)."})
+    threads: int = field(default=2, metadata={"help": "torch.set_num_threads (set from the rule's threads)."})
+    save_every_steps: int = field(default=0, metadata={
+        "help": "Save the resumable training state every N steps (0: off); a killed job resumes from it."})
+    save_every_minutes: float = field(default=10.0, metadata={
+        "help": "Also save it every N minutes of training (0: off)."})
+    tensorboard: bool = field(default=False, metadata={
+        "help": "Also log loss, lr and grad norm to TensorBoard (in the checkpoint's tensorboard/; needs tensorboard)."})
     seed: int = field(default=0, metadata={"help": "Seed for init, adapter init, data order, dropout."})
 
     def __post_init__(self):
@@ -106,10 +140,18 @@ class TrainConfig:
                 bad("warmup_fraction", "cannot be combined with warmup_steps > 0")
         if not (is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
             bad("min_lr_ratio", "must be in [0, 1]")
-        if not (is_num(self.decay_fraction) and 0 <= self.decay_fraction <= 1):
-            bad("decay_fraction", "must be in [0, 1]")
+        if not (is_num(self.cooldown_fraction) and 0 <= self.cooldown_fraction < 1):
+            bad("cooldown_fraction", "must be in [0, 1)")
         if self.schedule_length not in SCHEDULE_LENGTHS:
             bad("schedule_length", f"must be one of {', '.join(SCHEDULE_LENGTHS)}")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"must be one of {', '.join(PRECISIONS)}")
+        if not (is_int(self.save_every_steps) and self.save_every_steps >= 0):
+            bad("save_every_steps", "must be an integer >= 0")
+        if not (is_num(self.save_every_minutes) and self.save_every_minutes >= 0):
+            bad("save_every_minutes", "must be a number >= 0")
+        if not isinstance(self.tensorboard, bool):
+            bad("tensorboard", "must be true or false")
         if not is_int(self.seed):
             bad("seed", "must be an integer")
 
@@ -129,31 +171,44 @@ class TrainConfig:
         d["betas"] = list(self.betas)
         return d
 
+    def result_dict(self) -> dict[str, Any]:
+        """The settings that change what training computes (``to_dict`` minus RUNTIME_KEYS)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
+
     @property
     def length_independent(self) -> bool:
-        """Every step's learning rate is the same whatever the run's length (so a checkpoint
-        continues to any longer duration and adding a duration trains only what is new)."""
+        """The schedule's trunk gives every step the same learning rate whatever the run's length."""
         return length_independent(self.schedule) and self.warmup_fraction is None
 
     @property
-    def spans_longest(self) -> bool:
-        """One length-dependent schedule over the run's longest duration; shorter durations are
-        its intermediate checkpoints."""
-        return not self.length_independent and self.schedule_length == "longest"
+    def has_cooldown(self) -> bool:
+        return has_cooldown(self.schedule, self.cooldown_fraction)
 
-    @property
-    def continues(self) -> bool:
-        """Whether a duration continues from the run's previous one instead of the base."""
-        return self.length_independent or self.spans_longest
+    def mode(self, method: MethodConfig | None = None) -> str:
+        """How the run's durations relate (see MODES). A method whose setup depends on the run's
+        length (AdaLoRA's budget schedule) cannot share a trunk."""
+        if self.length_independent and not (method is not None and method.needs_total_steps):
+            return "branch" if self.has_cooldown else "continue"
+        return "longest" if self.schedule_length == "longest" else "restart"
 
-    def warmup_for(self, total_steps: int) -> int:
+    def warmup_for(self, total_steps: int | None) -> int:
         if self.warmup_fraction is not None:
             return int(math.ceil(self.warmup_fraction * total_steps))
         return self.warmup_steps
 
-    def schedule_fn(self, total_steps: int):
+    def schedule_fn(self, total_steps: int | None):
+        """The multiplier ``step -> float``; ``total_steps=None`` is the trunk alone."""
         return make_schedule(self.schedule, warmup_steps=self.warmup_for(total_steps), total_steps=total_steps,
-                             min_lr_ratio=self.min_lr_ratio, decay_fraction=self.decay_fraction)
+                             min_lr_ratio=self.min_lr_ratio, cooldown_fraction=self.cooldown_fraction)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, method: MethodConfig | None = None
+                   ) -> torch.optim.Optimizer:
+    """The configured optimizer over the trainable parameters. A method's
+    :meth:`~learnforget.methods.MethodConfig.weight_decay` overrides the config's."""
+    wd = method.weight_decay() if method is not None else None
+    return _make_optimizer(model, cfg.optimizer, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay if wd is None else wd)
 
 
 def duration_to_steps(duration: float, unit: str, batches: Batches) -> int:
@@ -202,17 +257,52 @@ def _seed_all(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, method: MethodConfig | None = None
-                   ) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; weight decay on matrices only (nanoGPT's split).
-    A method's :meth:`~learnforget.methods.MethodConfig.weight_decay` overrides the config's."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    wd = method.weight_decay() if method is not None else None
-    wd = cfg.weight_decay if wd is None else wd
-    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
+class Dist:
+    """The process's place in a (possibly) multi-process job launched by accelerate/torchrun.
+
+    One process: no accelerate, no process group. Several (``WORLD_SIZE`` > 1 in the
+    environment): an :class:`accelerate.Accelerator` wraps the model in DDP (gloo on CPU, nccl on
+    GPU); each process takes every ``world``-th row of the global batch, and the loss is scaled so
+    that the averaged gradients equal the one-process gradient of the whole batch.
+    """
+
+    def __init__(self, device: str = "cpu"):
+        import os
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device(device)
+        self.accelerator = None
+        if self.world > 1 or self.device.type == "cuda":
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=self.device.type == "cpu", mixed_precision="no")
+            self.device = self.accelerator.device
+            self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        if self.world == 1:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model) if self.accelerator is not None else model
+
+
+def _state(step, tokens, loss_tokens, elapsed, batches, opt, schedule_total, cfg) -> dict:
+    return {"step": step, "tokens": tokens, "loss_tokens": loss_tokens, "elapsed": elapsed,
+            "position": list(batches.position), "optimizer": opt.state_dict(), "rng": _rng_state(),
+            "schedule_total": schedule_total, "train_cfg": cfg.to_dict()}
 
 
 def train(
@@ -228,25 +318,36 @@ def train(
     progress: bool = True,
     desc: str = "train",
     method: MethodConfig | None = None,
+    snapshot: Callable[[torch.nn.Module, dict], None] | None = None,
+    dist: Dist | None = None,
+    tensorboard_dir: str | Path | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train ``model`` from ``start_step`` to ``end_step`` (optimizer updates) and return (model, state).
 
     ``state`` is what a previous call returned (to continue); without it the optimizer is fresh,
     the data starts at epoch 0 and the RNGs are seeded with ``cfg.seed``. The LR at step s is
-    ``cfg.lr * schedule(s)`` with the schedule spanning ``schedule_total`` steps (default
-    ``end_step``). One JSONL record per step is appended to ``log_path``: step (after the
-    update, 1-based), loss, lr, grad_norm, tokens (cumulative non-padding inputs), loss_tokens,
-    epoch (fractional), elapsed (cumulative training seconds).
+    ``cfg.lr * schedule(s)`` with the schedule spanning ``schedule_total`` steps (``None``: the
+    schedule's length-independent trunk). One JSONL record per step is appended to
+    ``log_path``: step (after the update, 1-based), loss, lr, grad_norm, tokens (cumulative
+    non-padding inputs), loss_tokens, epoch (fractional), elapsed (cumulative training seconds).
 
     ``method`` (a :class:`~learnforget.methods.MethodConfig`) gets its per-step hooks called:
     ``regularizer`` is added to the loss, ``lr_multiplier`` scales the schedule and
-    ``after_step`` runs after each optimizer step.
+    ``after_step`` runs after each optimizer step (under an RNG forked and seeded from the
+    step, so that its randomness is the same in every process and does not shift the data
+    order or dropout). ``snapshot(model, state)`` is called every ``cfg.save_every_steps``
+    steps or ``cfg.save_every_minutes`` minutes, whichever comes first (not after the last
+    step: the caller saves that).
     """
     cfg = TrainConfig.from_dict(cfg)
+    dist = dist or Dist()
     torch.set_num_threads(cfg.threads)
-    schedule_total = end_step if schedule_total is None else schedule_total
     sched = cfg.schedule_fn(schedule_total)
-    opt = make_optimizer(model, cfg, method)
+    if dist.accelerator is not None:
+        model = dist.accelerator.prepare(model)
+    opt = make_optimizer(dist.unwrap(model), cfg, method)
+    if dist.accelerator is not None:
+        opt = dist.accelerator.prepare(opt)
     params = [p for g in opt.param_groups for p in g["params"]]
     if state is not None:
         if int(state["step"]) != start_step:
@@ -266,63 +367,87 @@ def train(
 
     from tqdm.auto import tqdm
 
+    tb = None
+    if tensorboard_dir is not None and dist.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise RuntimeError("train.tensorboard is on but the tensorboard package is not installed "
+                               "(pip install tensorboard)") from exc
+        tb = SummaryWriter(str(tensorboard_dir))
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     model.train()
-    log = open(log_path, "a", encoding="utf-8") if log_path else None
-    bar = tqdm(total=end_step - start_step, desc=desc, disable=not progress, mininterval=2.0, unit="step")
-    t0 = time.perf_counter()
+    log = open(log_path, "a", encoding="utf-8") if (log_path and dist.is_main) else None
+    bar = tqdm(total=end_step - start_step, desc=desc, disable=not (progress and dist.is_main),
+               mininterval=2.0, unit="step")
+    t0 = last_snap = time.perf_counter()
     try:
         for step in range(start_step, end_step):
             lr = cfg.lr * sched(step) * (method.lr_multiplier(step) if method is not None else 1.0)
             for g in opt.param_groups:
                 g["lr"] = lr
-            batch = next(batches)
-            logits = model(input_ids=batch.input_ids, use_cache=False).logits
-            if batch.n_loss_tokens:
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                       batch.targets.reshape(-1), ignore_index=IGNORE_INDEX)
-            else:  # nothing to learn in this batch (e.g. prompts longer than seq_len)
-                loss = logits.sum() * 0.0
-            reg = method.regularizer(model) if method is not None else None
+            items = batches.next_items()
+            batch = batches.make_batch(items[dist.rank::dist.world])
+            n_tok, n_loss = dist.sum([batch.n_tokens, batch.n_loss_tokens])
+            with autocast:
+                logits = model(input_ids=batch.input_ids.to(dist.device), use_cache=False).logits
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                 batch.targets.to(dist.device).reshape(-1), ignore_index=IGNORE_INDEX,
+                                 reduction="sum")
+            # mean over the global batch's loss tokens; DDP averages gradients over processes
+            loss = ce * (dist.world / n_loss) if n_loss else logits.sum() * 0.0
+            reg = method.regularizer(dist.unwrap(model)) if method is not None else None
             opt.zero_grad(set_to_none=True)
-            (loss if reg is None else loss + reg).backward()
+            total = loss if reg is None else loss + reg
+            if dist.accelerator is not None:
+                dist.accelerator.backward(total)
+            else:
+                total.backward()
             if cfg.grad_clip > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=False))
+                clip = dist.accelerator.clip_grad_norm_ if dist.accelerator is not None \
+                    else torch.nn.utils.clip_grad_norm_
+                gnorm = float(clip(params, cfg.grad_clip, foreach=False) if dist.accelerator is None
+                              else clip(params, cfg.grad_clip))
             else:
                 gnorm = float(torch.linalg.vector_norm(
                     torch.stack([p.grad.norm() for p in params if p.grad is not None])))
             opt.step()
             if method is not None:
-                method.after_step(model, opt, step)
-            tokens += batch.n_tokens
-            loss_tokens += batch.n_loss_tokens
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(cfg.seed * 1_000_003 + step)
+                    method.after_step(dist.unwrap(model), opt, step)
+            tokens += int(n_tok)
+            loss_tokens += int(n_loss)
             now = time.perf_counter()
-            loss_value = float(loss.detach())
+            loss_value = dist.sum([float(ce.detach())])[0] / n_loss if n_loss else 0.0
+            rec = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": gnorm, "tokens": tokens,
+                   "loss_tokens": loss_tokens, "epoch": round(batches.epoch + batches.index / batches.n_items, 6),
+                   "elapsed": round(elapsed + now - t0, 4)}
             if log is not None:
-                rec = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": gnorm, "tokens": tokens,
-                       "loss_tokens": loss_tokens,
-                       "epoch": round(batches.epoch + batches.index / batches.n_items, 6),
-                       "elapsed": round(elapsed + now - t0, 4)}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+            if tb is not None:
+                for key in ("loss", "lr", "grad_norm"):
+                    tb.add_scalar(f"train/{key}", rec[key], step + 1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
+            due = (cfg.save_every_steps and (step + 1 - start_step) % cfg.save_every_steps == 0) or \
+                  (cfg.save_every_minutes and now - last_snap >= 60 * cfg.save_every_minutes)
+            if snapshot is not None and due and step + 1 < end_step:
+                snap_state = _state(step + 1, tokens, loss_tokens, elapsed + now - t0, batches, opt,
+                                    schedule_total, cfg)
+                if dist.is_main:
+                    snapshot(dist.unwrap(model), snap_state)
+                dist.barrier()
+                last_snap = time.perf_counter()
     finally:
         bar.close()
         if log is not None:
             log.close()
+        if tb is not None:
+            tb.close()
     elapsed += time.perf_counter() - t0
-    new_state = {
-        "step": end_step,
-        "tokens": tokens,
-        "loss_tokens": loss_tokens,
-        "elapsed": elapsed,
-        "position": list(batches.position),
-        "optimizer": opt.state_dict(),
-        "rng": _rng_state(),
-        "schedule_total": schedule_total,
-        "train_cfg": cfg.to_dict(),
-    }
-    return model, new_state
+    return dist.unwrap(model), _state(end_step, tokens, loss_tokens, elapsed, batches, opt, schedule_total, cfg)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -340,8 +465,26 @@ def _file_hashes(root: Path, skip: Sequence[str] = ("manifest.json",)) -> dict[s
             for p in sorted(root.rglob("*")) if p.is_file() and str(p.relative_to(root)) not in skip}
 
 
-def _peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+def _code_version() -> str | None:
+    """The git commit of the learn-forget checkout this code runs from (None outside git)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def log_info(msg: str) -> None:
+    import logging
+
+    logging.getLogger("learnforget.train").info(msg)
 
 
 def _versions() -> dict[str, str]:
@@ -358,10 +501,6 @@ def _load_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _speed(job_tokens: int, job_seconds: float, fpt: float) -> dict:
-    tps = job_tokens / job_seconds if job_seconds > 0 else None
-    return {"tokens_per_s": round(tps, 1) if tps else None,
-            "flops_per_token": fpt, "gflops_per_s": round(tps * fpt / 1e9, 3) if tps else None}
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -407,8 +546,10 @@ def pretrain_base(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         live_log = Path(log_path) if log_path else tmp / "train_log.jsonl"
-        model, state = train(model, batches, cfg, end_step=steps, log_path=live_log, progress=progress,
-                             desc="base")
+        t0 = time.perf_counter()
+        model, state = train(model, batches, cfg, end_step=steps, schedule_total=steps, log_path=live_log,
+                             progress=progress, desc="base")
+        seconds = time.perf_counter() - t0
         if log_path:
             shutil.copyfile(live_log, tmp / "train_log.jsonl")
         model.save_pretrained(tmp)
@@ -428,11 +569,12 @@ def pretrain_base(
             "tokens": state["tokens"],
             "train_seconds": round(state["elapsed"], 3),
             "wall_seconds": None,
-            **_speed(state["tokens"], state["elapsed"], fpt),
+            **speed(state["tokens"], seconds, fpt, measured_peak_flops("cpu")),
             "final_loss": _last_loss(tmp / "train_log.jsonl"),
             "parameters": {"trainable": trainable, "total": total},
             "threads": cfg.threads,
-            "peak_rss_mib": _peak_rss_mib(),
+            **peak_memory_mib("cpu"),
+            "code_version": _code_version(),
             "versions": _versions(),
             "files": _file_hashes(tmp),
         }
@@ -448,6 +590,49 @@ def _last_loss(log: Path) -> float | None:
     return recs[-1]["loss"] if recs else None
 
 
+def plan_segment(cfg: TrainConfig, method: MethodConfig, part: str, steps: int, longest_steps: int) -> dict:
+    """Where one job of a run starts and ends.
+
+    ``part`` is ``"final"`` (the evaluated checkpoint of a duration of ``steps`` steps) or
+    ``"trunk"`` (mode ``branch`` only: the shared trunk up to that duration's cool-down start).
+    Returns ``end_step``, ``schedule_total`` (None: the length-independent trunk),
+    ``method_total`` (what :meth:`MethodConfig.prepare` gets) and ``from``: what the job
+    continues from, one of ``base``, ``previous`` (the previous duration's checkpoint of the
+    same part) or ``trunk`` (this duration's own trunk).
+    """
+    mode = cfg.mode(method)
+    if part == "trunk":
+        if mode != "branch":
+            raise ValueError(f"a trunk job needs a schedule with a cool-down (mode 'branch'), not {mode!r}")
+        c = cooldown_start(cfg.schedule, steps, cfg.cooldown_fraction)
+        return {"mode": mode, "end_step": c, "schedule_total": None, "method_total": None, "from": "previous"}
+    if part != "final":
+        raise ValueError(f"part must be 'final' or 'trunk', got {part!r}")
+    if mode == "restart":
+        return {"mode": mode, "end_step": steps, "schedule_total": steps, "method_total": steps, "from": "base"}
+    if mode == "longest":
+        return {"mode": mode, "end_step": steps, "schedule_total": longest_steps, "method_total": longest_steps,
+                "from": "previous"}
+    if mode == "continue":
+        return {"mode": mode, "end_step": steps, "schedule_total": None, "method_total": None, "from": "previous"}
+    return {"mode": mode, "end_step": steps, "schedule_total": steps, "method_total": None, "from": "trunk"}
+
+
+def _load_point(m: MethodConfig, base_dir, ckpt: Path, total_steps):
+    """Model (trainable), state and log of a checkpoint or resume folder."""
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    model = m.load(base_dir, ckpt, total_steps=total_steps)
+    m.load_extra_state(model, state.get("method", {}))
+    log = read_jsonl(ckpt / "train_log.jsonl") if (ckpt / "train_log.jsonl").exists() else []
+    return model, state, log
+
+
+def _write_point(m: MethodConfig, model, state: dict, tmp: Path, tokenizer=None) -> None:
+    m.save(model, tmp / "model", tokenizer)
+    m.save_state(model, tmp)
+    torch.save({**state, "method": m.extra_state(model)}, tmp / "state.pt")
+
+
 def finetune(
     base_dir: str | Path,
     token_dir: str | Path,
@@ -458,19 +643,26 @@ def finetune(
     duration: float,
     unit: str = "epochs",
     durations: Sequence[float] | None = None,
+    part: str = "final",
     prev_checkpoint_dir: str | Path | None = None,
     out_dir: str | Path,
+    resume_dir: str | Path | None = None,
     seed: int | None = None,
     progress: bool = True,
     run_name: str | None = None,
+    packing: bool = False,
+    device: str = "cpu",
 ) -> dict:
-    """Finetune the base with ``method`` up to ``duration`` and write the checkpoint dir ``out_dir``.
+    """Train one job of a run (see :func:`plan_segment`) and write its checkpoint folder ``out_dir``.
 
-    ``durations`` are all durations of the run (same unit); the schedule spans the longest of
-    them when it is length-independent or ``schedule_length == 'longest'`` (then the run may
-    continue from ``prev_checkpoint_dir``, an earlier duration's checkpoint of the same run),
-    otherwise the schedule spans ``duration`` and training starts from the base. Returns the
-    manifest.
+    ``durations`` are all durations of the run (same unit). ``prev_checkpoint_dir`` is what the
+    job continues from (the previous duration's checkpoint, or this duration's trunk); it is
+    ignored, with a note in the manifest, when the run's mode restarts from the base. With
+    ``resume_dir`` the job snapshots its whole state there every ``save_every_steps`` /
+    ``save_every_minutes``; a rerun after a crash or kill continues from the snapshot (when it
+    belongs to this same job) and gives the same result as an uninterrupted run; the snapshot
+    is deleted once ``out_dir`` is complete. Multi-process (``WORLD_SIZE`` > 1): every process
+    trains its share, the main one writes. Returns the manifest.
     """
     wall0 = time.time()
     duration = float(duration)
@@ -479,77 +671,107 @@ def finetune(
         cfg = dataclasses.replace(cfg, seed=int(seed))
     m = method if isinstance(method, MethodConfig) else method_from_dict(method)
     torch.set_num_threads(cfg.threads)
-    durations = [float(d) for d in (durations or [duration])]
-    if float(duration) not in durations:
-        durations.append(float(duration))
+    dist = Dist(device)
+    durations = sorted({float(d) for d in (durations or [duration])} | {duration})
 
     tokenizer = _load_tokenizer(base_dir)
     td = load_tokens(token_dir)
     if td.eos_id is not None and td.eos_id != tokenizer.eos_token_id:
         raise ValueError(f"tokens use eos id {td.eos_id} but the tokenizer's is {tokenizer.eos_token_id}")
-    batches = Batches(td, regime, cfg.batch_size, cfg.seq_len, seed=cfg.seed, pad_id=tokenizer.pad_token_id)
+    batches = Batches(td, regime, cfg.batch_size, cfg.seq_len, seed=cfg.seed, pad_id=tokenizer.pad_token_id,
+                      packing=packing)
     steps = duration_to_steps(duration, unit, batches)
-    # The schedule spans this duration, or the run's longest one (see TrainConfig.continues).
-    independent, shared = cfg.length_independent, cfg.continues
-    schedule_total = duration_to_steps(max(durations), unit, batches) if cfg.spans_longest else steps
-    run_cfg = {"base_dir": str(base_dir), "token_dir": str(token_dir), "regime": regime,
-               "method": m.to_dict(), "train_cfg": cfg.to_dict(), "unit": unit, "durations": sorted(durations),
+    plan = plan_segment(cfg, m, part, steps, duration_to_steps(max(durations), unit, batches))
+    end_step, schedule_total = plan["end_step"], plan["schedule_total"]
+    run_cfg = {"base_dir": str(base_dir), "token_dir": str(token_dir), "regime": regime, "packing": packing,
+               "method": m.to_dict(), "train_cfg": cfg.result_dict(), "unit": unit, "durations": durations,
                "tokens_sha256": _dir_fingerprint(Path(token_dir), ("ids.npy", "mask.npy", "offsets.npy")),
                "base_sha256": _dir_fingerprint(Path(base_dir), ("config.json", "model.safetensors"))}
+    job = {"part": part, "end_step": end_step, "schedule_total": schedule_total}
 
-    state, prev_log, continued_from, note = None, [], None, None
-    if prev_checkpoint_dir is not None and not shared:
-        note = (f"not continued from {prev_checkpoint_dir}: schedule {cfg.schedule!r} depends on the "
-                f"run length (schedule_length=duration); trained from the base")
-    elif prev_checkpoint_dir is not None:
+    state, prev_log, continued_from, resumed_from, note, seg_start = None, [], None, None, None, None
+    snap = Path(resume_dir) if resume_dir is not None else None
+    if snap is not None and (snap / "job.json").exists():
+        saved = read_json(snap / "job.json")
+        if saved.get("run_cfg") == run_cfg and saved.get("job") == job:
+            model, state, prev_log = _load_point(m, base_dir, snap, plan["method_total"])
+            resumed_from = int(state["step"])
+            continued_from, seg_start = saved.get("continued_from"), saved.get("start_step")
+            log_info(f"resuming {run_name or m.type} from its snapshot at step {resumed_from} ({snap})")
+        elif dist.is_main:
+            log_info(f"ignoring the snapshot in {snap}: it belongs to another job or configuration")
+            shutil.rmtree(snap)
+    if state is None and prev_checkpoint_dir is not None and plan["from"] == "base":
+        note = (f"not continued from {prev_checkpoint_dir}: the run's schedule depends on its length "
+                f"(mode {plan['mode']!r}); trained from the base")
+    elif state is None and prev_checkpoint_dir is not None:
         prev = Path(prev_checkpoint_dir)
-        prev_manifest = read_json(prev / "manifest.json")
-        _check_same_run(prev_manifest.get("run_cfg", {}), run_cfg, prev)
-        state = torch.load(prev / "state.pt", weights_only=True)
-        if state["step"] > steps:
-            raise ValueError(f"{prev} is at step {state['step']}, beyond this duration's {steps} steps")
-        if not independent and state["schedule_total"] != schedule_total:
+        _check_same_run(read_json(prev / "manifest.json").get("run_cfg", {}), run_cfg, prev, plan["mode"])
+        model, state, prev_log = _load_point(m, base_dir, prev, plan["method_total"])
+        if state["step"] > end_step:
+            raise ValueError(f"{prev} is at step {state['step']}, beyond this job's {end_step} steps")
+        if plan["mode"] == "longest" and state["schedule_total"] != schedule_total:
             raise ValueError(f"{prev} used a schedule of {state['schedule_total']} steps, this run {schedule_total}")
-        model = m.load(base_dir, prev, total_steps=schedule_total)
-        m.load_extra_state(model, state.get("method", {}))
-        prev_log = read_jsonl(prev / "train_log.jsonl")
+        state["schedule_total"] = schedule_total
         continued_from = str(prev)
+    elif state is None and plan["from"] != "base":
+        if plan["from"] == "trunk":
+            raise ValueError("a cool-down branch needs its trunk checkpoint (prev_checkpoint_dir)")
     if state is None:
         base = load_model(base_dir)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model = m.prepare(base, total_steps=schedule_total)
+            model = m.prepare(base, total_steps=plan["method_total"])
     trainable, total = count_parameters(model)
     start_step = state["step"] if state else 0
     tokens_before = state["tokens"] if state else 0
+    seg_start = start_step if resumed_from is None else seg_start
 
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        log = tmp / "train_log.jsonl"
-        log.write_text("".join(json.dumps(r) + "\n" for r in prev_log))
+    def snapshot(model_now, state_now):
+        with atomic_path(snap) as tmp:
+            tmp.mkdir()
+            _write_point(m, model_now, state_now, tmp)
+            shutil.copyfile(live_log, tmp / "train_log.jsonl")
+            write_json(tmp / "job.json", {"run_cfg": run_cfg, "job": job, "continued_from": continued_from,
+                                          "start_step": seg_start})
+
+    peak = measured_peak_flops(dist.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32) \
+        if dist.is_main else None
+    out_dir = Path(out_dir)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(out_dir)) if dist.is_main else Path(tempfile.mkdtemp())
+        tmp.mkdir(exist_ok=True)
+        live_log = tmp / "train_log.jsonl"
+        live_log.write_text("".join(json.dumps(r) + "\n" for r in prev_log if r["step"] <= start_step))
         t0 = time.perf_counter()
-        model, new_state = train(model, batches, cfg, start_step=start_step, end_step=steps,
-                                 schedule_total=schedule_total, state=state, log_path=log, progress=progress,
-                                 desc=f"{run_name or m.type} {duration:g} {unit}", method=m)
+        model, new_state = train(model, batches, cfg, start_step=start_step, end_step=end_step,
+                                 schedule_total=schedule_total, state=state, log_path=live_log, progress=progress,
+                                 desc=f"{run_name or m.type} {part} {duration:g} {unit}", method=m,
+                                 snapshot=snapshot if snap is not None else None, dist=dist,
+                                 tensorboard_dir=tmp / "tensorboard" if cfg.tensorboard else None)
         job_seconds = time.perf_counter() - t0
-        m.save(model, tmp / "model", tokenizer)
-        m.save_state(model, tmp)
-        new_state["method"] = m.extra_state(model)
-        torch.save(new_state, tmp / "state.pt")
-        base_cfg = model.config if not m.is_adapter else model.get_base_model().config
+        if not dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            dist.barrier()
+            return {}
+        _write_point(m, model, new_state, tmp, tokenizer)
+        base_cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         fpt = flops_per_token(base_cfg, cfg.seq_len)
         job_tokens = new_state["tokens"] - tokens_before
         manifest = {
             "kind": "finetune",
             "run": run_name,
+            "part": part,
+            "mode": plan["mode"],
             "run_cfg": run_cfg,
             "method": m.to_dict(),
             "is_adapter": m.is_adapter,
             "regime": regime,
-            "duration": float(duration),
+            "duration": duration,
             "unit": unit,
             "step": new_state["step"],
-            "start_step": start_step,
+            "start_step": seg_start,
+            "resumed_from_step": resumed_from,
             "schedule_total": schedule_total,
             "steps_per_epoch": batches.steps_per_epoch,
             "epochs_seen": new_state["step"] / batches.steps_per_epoch,
@@ -559,28 +781,33 @@ def finetune(
             "note": note,
             "job_train_seconds": round(job_seconds, 3),
             "job_tokens": job_tokens,
-            **_speed(job_tokens, job_seconds, fpt),
+            **speed(job_tokens, job_seconds, fpt, peak),
             "train_seconds_total": round(new_state["elapsed"], 3),
-            "final_loss": _last_loss(log),
+            "final_loss": _last_loss(live_log),
             "parameters": {"trainable": trainable, "total": total},
+            "method_summary": m.summary(model),
+            "processes": dist.world,
+            "device": str(dist.device),
+            "precision": cfg.precision,
             "threads": cfg.threads,
-            "peak_rss_mib": _peak_rss_mib(),
+            **peak_memory_mib(dist.device),
+            "code_version": _code_version(),
             "versions": _versions(),
             "files": _file_hashes(tmp),
         }
         manifest["job_wall_seconds"] = round(time.time() - wall0, 3)
         write_json(tmp / "manifest.json", manifest)
+    dist.barrier()
+    if snap is not None and snap.exists():
+        shutil.rmtree(snap)
     return manifest
 
 
-def _check_same_run(prev: dict, now: dict, where: Path) -> None:
-    def comparable(run_cfg: dict, key: str):
-        value = run_cfg.get(key)
-        if key == "train_cfg" and isinstance(value, dict):  # thread count does not change the run
-            value = {k: v for k, v in value.items() if k != "threads"}
-        return value
-
-    for key in ("regime", "method", "train_cfg", "unit", "tokens_sha256", "base_sha256"):
-        if comparable(prev, key) != comparable(now, key):
+def _check_same_run(prev: dict, now: dict, where: Path, mode: str) -> None:
+    for key in ("regime", "packing", "method", "train_cfg", "unit", "tokens_sha256", "base_sha256"):
+        if prev.get(key) != now.get(key):
             raise ValueError(f"cannot continue from {where}: its {key} differs "
                              f"({prev.get(key)!r} there, {now.get(key)!r} here)")
+    if mode == "longest" and prev.get("durations") != now.get("durations"):
+        raise ValueError(f"cannot continue from {where}: its schedule spans durations {prev.get('durations')}, "
+                         f"this one {now.get('durations')}")

@@ -75,17 +75,31 @@ def base_params(wildcards):
     )
 
 
-def train_input(wildcards):
+def train_input(wildcards, part="final"):
     run = RUNS[wildcards.run]
     inputs = {"base": f"{R}/base/model", "tokens": f"{R}/tokens/{run.dataset}"}
-    previous = run.previous(wildcards.duration)
+    previous = run.previous(wildcards.duration, part)
     if previous is not None:
         inputs["previous"] = f"{R}/runs/{run.name}/{previous}"
     return inputs
 
 
-def train_params(wildcards):
-    return lfconfig.as_hashable(RUNS[wildcards.run].train_params(wildcards.duration))
+def trunk_input(wildcards):
+    return train_input(wildcards, part="trunk")
+
+
+def train_params(wildcards, part="final"):
+    return lfconfig.as_hashable(
+        RUNS[wildcards.run].train_params(wildcards.duration, part)
+    )
+
+
+def trunk_params(wildcards):
+    return train_params(wildcards, part="trunk")
+
+
+def train_gpus(wildcards):
+    return config["resources"]["gpu"]
 
 
 def checkpoint_input(wildcards):

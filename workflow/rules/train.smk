@@ -1,6 +1,8 @@
-# Finetune each run to each duration. A duration continues from the run's previous one
-# when the schedule does not depend on the total length (constant); otherwise it starts
-# from the base. Only the run's own settings are params, so evaluation settings never retrain.
+# Finetune each run to each duration. How a duration relates to the shorter ones is the run's
+# mode (learnforget.train.MODES): it continues the previous checkpoint, branches a cool-down
+# off a shared trunk (rule train_trunk), or starts from the base. Only what changes a job's
+# result is in its params, so evaluation settings, threads or resources never retrain.
+# A killed job leaves a snapshot in results/resume/ and continues from it when rerun.
 
 
 rule train:
@@ -16,8 +18,30 @@ rule train:
         ENV
     threads: config["threads"]["train"]
     resources:
-        gpu=0,
+        gpu=train_gpus,
     params:
         spec=train_params,
+        resume=f"{R}/resume/{{run}}/{{duration}}",
+    script:
+        "../scripts/train.py"
+
+
+rule train_trunk:
+    input:
+        unpack(trunk_input),
+    output:
+        directory(f"{R}/runs/{{run}}/trunk/{{duration}}"),
+    log:
+        f"{R}/logs/train/{{run}}/trunk-{{duration}}.log",
+    benchmark:
+        f"{R}/benchmarks/train/{{run}}/trunk-{{duration}}.tsv"
+    conda:
+        ENV
+    threads: config["threads"]["train"]
+    resources:
+        gpu=train_gpus,
+    params:
+        spec=trunk_params,
+        resume=f"{R}/resume/{{run}}/trunk-{{duration}}",
     script:
         "../scripts/train.py"

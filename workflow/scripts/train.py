@@ -1,24 +1,37 @@
-"""Finetune one run to one duration (learnforget.train.finetune)."""
+"""Train one job of a run: a duration's checkpoint or its trunk (learnforget.launch.finetune_job)."""
 
+from learnforget import config as lfconfig
+from learnforget.launch import finetune_job
 from learnforget.logs import setup
-from learnforget.train import finetune
 
 log = setup(snakemake.log[0])
 spec = snakemake.params.spec
-manifest = finetune(
-    snakemake.input.base,
-    snakemake.input.tokens,
-    spec["regime"],
-    spec["method"],
-    {**spec["train"], "threads": snakemake.threads},
-    duration=spec["duration"],
-    unit=spec["unit"],
-    durations=spec["durations"],
-    prev_checkpoint_dir=snakemake.input.get("previous"),
-    out_dir=snakemake.output[0],
-    seed=spec["seed"],
-    run_name=spec["run"],
+run = {r.name: r for r in lfconfig.expand_runs(snakemake.config)}[spec["run"]]
+gpus = int(snakemake.resources.get("gpu", 0) or 0)
+resources = snakemake.config["resources"]
+manifest = finetune_job(
+    dict(
+        base_dir=snakemake.input.base,
+        token_dir=snakemake.input.tokens,
+        regime=spec["regime"],
+        method=spec["method"],
+        train_cfg={**spec["train"], **run.runtime(), "threads": snakemake.threads},
+        duration=spec["duration"],
+        unit=spec["unit"],
+        durations=spec["durations"] or list(run.durations),
+        part=spec["part"],
+        prev_checkpoint_dir=snakemake.input.get("previous"),
+        out_dir=snakemake.output[0],
+        resume_dir=snakemake.params.resume,
+        seed=spec["seed"],
+        run_name=spec["run"],
+        packing=spec["packing"],
+    ),
+    processes=gpus or resources["cpu_processes"],
+    device="cuda" if gpus else "cpu",
 )
-log.info("%s to %s %s: step %d, %.0f tokens/s, final loss %.3f, continued from %s",
-         spec["run"], spec["duration"], spec["unit"], manifest["step"], manifest["tokens_per_s"],
-         manifest["final_loss"], manifest["continued_from"])
+log.info("%s %s to %s %s (%s): step %d, %.0f tokens/s, MFU %s, final loss %.3f, continued from %s%s",
+         spec["run"], spec["part"], spec["duration"], spec["unit"], manifest["mode"], manifest["step"],
+         manifest["tokens_per_s"] or 0, manifest["mfu"], manifest["final_loss"] or float("nan"),
+         manifest["continued_from"],
+         f", resumed at step {manifest['resumed_from_step']}" if manifest["resumed_from_step"] else "")
