@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from learnforget.io import read_json
 from workflow_utils import REPO, planned_jobs, planned_outputs, snakemake
 
 TINY = REPO / "tests" / "tiny.yaml"
@@ -85,6 +86,17 @@ def test_tiny_study_artefacts(tiny_study):
     # checkpoints: full finetuning as an HF model, LoRA as a peft adapter
     assert (res / "runs" / "math-full" / "2" / "model" / "model.safetensors").exists()
     assert (res / "runs" / "math-lora" / "2" / "model" / "adapter_config.json").exists()
+    # code-lora (wsd): a trunk per duration plus its cool-down branch
+    trunk = read_json(res / "runs" / "code-lora" / "trunk" / "2" / "manifest.json")
+    branch = read_json(res / "runs" / "code-lora" / "2" / "manifest.json")
+    assert trunk["continued_from"].endswith("code-lora/trunk/1") and branch["continued_from"].endswith("trunk/2")
+    assert branch["mode"] == "branch" and branch["start_step"] == trunk["step"] < branch["step"]
+    assert not (res / "resume").exists() or not any((res / "resume").rglob("state.pt"))
+    training = pd.read_csv(res / "training.csv")
+    assert {"run", "part", "duration", "tokens_per_s", "mfu", "peak_memory_mib", "trainable_parameters",
+            "total_parameters", "job_wall_seconds"} <= set(training.columns)
+    assert len(training) == 6 + 2 + 1  # 3 runs x 2 durations, 2 trunks, the base
+    assert (training["tokens_per_s"] > 0).all() and training["mfu"].between(0, 1, inclusive="neither").all()
 
 
 @pytest.mark.e2e
@@ -102,6 +114,31 @@ def test_evaluation_setting_change_retrains_nothing(tiny_study, tmp_path):
     jobs = planned_jobs(snakemake(tiny_study, changed, "-n", "--cores", "2"))
     assert jobs.get("evaluate", 0) == 7  # base + 3 runs x 2 durations
     assert "train" not in jobs and "base" not in jobs and "tokenize" not in jobs
+
+
+@pytest.mark.e2e
+def test_adding_a_duration_trains_only_what_is_new(tiny_study, tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["durations"]["values"] = [1, 2, 3]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tiny_study, changed, "-n", "--cores", "2")
+    jobs = planned_jobs(proc)
+    # constant runs continue from 2 epochs; the wsd run extends its trunk and branches a cool-down
+    assert jobs.get("train") == 3 and jobs.get("train_trunk") == 1, jobs
+    assert all(o.endswith("/3") for o in planned_outputs(proc, "train") + planned_outputs(proc, "train_trunk"))
+    assert jobs.get("evaluate") == 3 and "base" not in jobs and "tokenize" not in jobs
+
+
+@pytest.mark.e2e
+def test_runtime_settings_retrain_nothing(tiny_study, tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["finetune"].update(save_every_steps=5, save_every_minutes=1.0)
+    cfg["threads"]["train"] = 2
+    cfg["resources"] = {"cpu_processes": 2}
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    assert planned_jobs(snakemake(tiny_study, changed, "-n", "--cores", "2")) == {}
 
 
 @pytest.mark.e2e

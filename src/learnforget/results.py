@@ -152,3 +152,39 @@ def collect(eval_json_paths: Iterable[str | os.PathLike]):
             f"task={first['task']} metric={first['metric']}"
         )
     return df
+
+
+TRAINING_COLUMNS = ["run", "part", "method", "mode", "regime", "duration", "unit", "step", "start_step",
+                    "resumed_from_step", "tokens", "job_tokens", "tokens_per_s", "gflops_per_s",
+                    "peak_gflops_per_s", "mfu", "peak_memory_mib", "peak_memory_kind", "trainable_parameters",
+                    "total_parameters", "processes", "device", "precision", "threads", "job_train_seconds",
+                    "job_wall_seconds", "final_loss"]
+
+
+def training_table(manifest_paths: Iterable[str | os.PathLike]):
+    """One row per training job (the base, every trunk and every checkpoint) from their
+    manifests: speed, MFU against the measured peak, peak memory, parameters, wall time."""
+    import pandas as pd
+
+    rows = []
+    for path in manifest_paths:
+        m = io.read_json(path)
+        base = m.get("kind") == "base"
+        rows.append({
+            "run": "base" if base else m["run"], "part": "base" if base else m.get("part", "final"),
+            "method": "base" if base else m["method"]["type"], "mode": m.get("mode"),
+            "regime": "cpt" if base else m.get("regime"), "duration": m.get("duration"), "unit": m.get("unit"),
+            "step": m.get("step"), "start_step": 0 if base else m.get("start_step"),
+            "resumed_from_step": m.get("resumed_from_step"), "tokens": m.get("tokens"),
+            "job_tokens": m.get("tokens") if base else m.get("job_tokens"),
+            "trainable_parameters": m["parameters"]["trainable"], "total_parameters": m["parameters"]["total"],
+            "job_train_seconds": m.get("train_seconds") if base else m.get("job_train_seconds"),
+            "job_wall_seconds": m.get("wall_seconds") if base else m.get("job_wall_seconds"),
+            **{k: m.get(k) for k in ("tokens_per_s", "gflops_per_s", "peak_gflops_per_s", "mfu", "peak_memory_mib",
+                                     "peak_memory_kind", "processes", "device", "precision", "threads",
+                                     "final_loss")},
+        })
+    df = pd.DataFrame(rows, columns=TRAINING_COLUMNS)
+    order = {"base": 0, "trunk": 1, "final": 2}
+    df = df.assign(_o=df["part"].map(order)).sort_values(["run", "duration", "_o"], kind="mergesort")
+    return df.drop(columns="_o").reset_index(drop=True)

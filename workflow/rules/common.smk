@@ -12,7 +12,7 @@ except lfconfig.ConfigError as exc:
 config.clear()
 config.update(lfconfig.as_hashable(_validated))
 
-R = "results"
+R = config["output_dir"]
 RUNS = {run.name: run for run in lfconfig.expand_runs(config)}
 ENV = "../../envs/learnforget.yaml"
 
@@ -146,6 +146,15 @@ def analysis_params(wildcards):
 
 def all_evaluations(wildcards=None):
     return [f"{R}/evals/{r}/{d}.json" for r, d in study_checkpoints()]
+
+
+def all_training_jobs(wildcards=None):
+    """Every training job's output folder (each holds a manifest.json)."""
+    paths = [f"{R}/base/model"]
+    for run in RUNS.values():
+        paths += [f"{R}/runs/{run.name}/trunk/{d}" for d in run.trunk_labels]
+        paths += [f"{R}/runs/{run.name}/{d}" for d in run.labels]
+    return paths
 
 
 def all_spectral(wildcards=None):

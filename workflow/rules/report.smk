@@ -7,6 +7,7 @@ rule report:
     input:
         evals=all_evaluations,
         spectral=all_spectral,
+        training=all_training_jobs,
     output:
         metrics=report(
             f"{R}/metrics.csv",
@@ -37,6 +38,11 @@ rule report:
             f"{R}/figures/spectral_ranks.png",
             caption="../report/spectral_ranks.rst",
             category="Figures",
+        ),
+        training=report(
+            f"{R}/training.csv",
+            caption="../report/training.rst",
+            category="Tables",
         ),
         report=f"{R}/report.md",
     log:

@@ -18,7 +18,8 @@ forgetting = tuple(spec["forgetting"])
 metrics = results.collect(snakemake.input.evals)
 spectral = pd.concat([pd.read_csv(p) for p in snakemake.input.spectral], ignore_index=True)
 spectral = spectral.sort_values(["run", "duration", "layer", "module"], kind="stable").reset_index(drop=True)
-for path, table in ((out.metrics, metrics), (out.spectral, spectral)):
+training = results.training_table(Path(d) / "manifest.json" for d in snakemake.input.training)
+for path, table in ((out.metrics, metrics), (out.spectral, spectral), (out.training, training)):
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
 
