@@ -1,4 +1,5 @@
-"""Command line: ``learnforget validate CONFIG`` checks a study config without running it."""
+"""Command line: ``learnforget validate CONFIG`` checks a study config without running it;
+``learnforget humaneval-score SAMPLES.jsonl`` scores HumanEval samples in the sandbox."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from learnforget import config as lfconfig
 
 
 def _validate(args) -> int:
+    from learnforget.train import MODES
+
     try:
         cfg = lfconfig.load(args.config)
     except lfconfig.ConfigError as exc:
@@ -20,7 +23,7 @@ def _validate(args) -> int:
     for r in runs:
         print(f"  {r.name}: {r.method_name} ({r.method['type']}) on {r.domain}/{r.regime}, "
               f"durations {', '.join(r.labels)} {r.unit}, lr {r.train.get('lr')}, "
-              f"{'continues' if r.continues else 'restarts'} between durations")
+              f"durations: {r.mode} ({MODES[r.mode]})")
     if args.show:
         print(lfconfig.dump(cfg))
     return 0
@@ -33,6 +36,22 @@ def _config_reference(args) -> int:
     return 0
 
 
+def _humaneval_score(args) -> int:
+    import json
+
+    from learnforget import humaneval
+
+    try:
+        summary = humaneval.score_file(args.samples, ks=args.k, per_sample_out=args.out,
+                                       timeout_s=args.timeout, workers=args.workers,
+                                       progress=not args.no_progress)
+    except (ValueError, OSError) as exc:
+        print(f"learn-forget: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="learnforget", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     v.set_defaults(func=_validate)
     r = sub.add_parser("config-reference", help="print the config reference (markdown) that the README embeds")
     r.set_defaults(func=_config_reference)
+    h = sub.add_parser("humaneval-score", help="score HumanEval samples (JSONL of task_id, completion) "
+                                               "in the sandbox; print pass@k as JSON")
+    h.add_argument("samples", metavar="SAMPLES.jsonl")
+    h.add_argument("--k", type=int, nargs="+", default=[1, 10, 100],
+                   help="k values for pass@k (those above the fewest samples per problem are skipped)")
+    h.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per sample")
+    h.add_argument("--workers", type=int, default=None, help="samples run at once (default: CPU count)")
+    h.add_argument("--out", metavar="PER_SAMPLE.jsonl", default=None, help="write per-sample results here")
+    h.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    h.set_defaults(func=_humaneval_score)
     args = parser.parse_args(argv)
     return args.func(args)
 

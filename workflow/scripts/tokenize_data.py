@@ -13,11 +13,15 @@ if spec["regime"] == "cpt":
     td = tokens.tokenize_cpt([r["text"] for r in records], tokenizer)
 else:
     prompt, response = spec["template"]
+    # the tokenizer's chat template when it has one (a chat model's), else the plain template
+    chat = bool(getattr(tokenizer, "chat_template", None))
     td = tokens.tokenize_ift(
         [prompt.format(**r) for r in records],
         [response.format(**r) for r in records],
         tokenizer,
+        use_chat_template=chat,
     )
+    td.meta["chat_template"] = chat
 meta = {"dataset": snakemake.wildcards.dataset, "source": tokens.fingerprint([snakemake.input.data])}
 tokens.save_tokens(td, snakemake.output[0], meta)
 log.info("%s: %d documents, %d tokens (%s)", snakemake.wildcards.dataset, td.n_docs, td.n_tokens, spec["regime"])
