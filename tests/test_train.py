@@ -371,3 +371,17 @@ def test_ift_packing_packs_examples_into_full_windows(world):
     assert 0 < b.n_loss_tokens < b.n_tokens
     x, y = b.input_ids.numpy(), b.targets.numpy()
     assert ((y == -100) | (y >= 0)).all()
+
+
+def test_tensorboard_is_optional_with_a_clear_error(world, tmp_path):
+    import importlib.util
+
+    kw = dict(method={"type": "lora", "rank": 4}, duration=3, unit="steps", progress=False,
+              train_cfg=dict(CFG, tensorboard=True))
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(RuntimeError, match="pip install tensorboard"):
+            finetune(world / "base", world / "math_cpt", "cpt", out_dir=tmp_path / "tb", **kw)
+        assert not (tmp_path / "tb").exists()
+    else:
+        finetune(world / "base", world / "math_cpt", "cpt", out_dir=tmp_path / "tb", **kw)
+        assert any((tmp_path / "tb" / "tensorboard").iterdir())
