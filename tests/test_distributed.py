@@ -12,23 +12,9 @@ import torch
 
 from learnforget.io import read_jsonl
 from learnforget.launch import finetune_job
-from learnforget.modeling import build_model
-from learnforget.tokens import save_tokens, tokenize_cpt, tokenize_ift
-from test_train import ARCH, FACTS, PROMPTS, RESPONSES, make_tokenizer
+from test_train import world  # noqa: F401  (the tiny tokenizer, token folders and base model)
 
 TOLERANCE = 1e-4  # max relative difference of any step's loss; measured about 2e-7
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    tok = make_tokenizer(FACTS + PROMPTS + RESPONSES)
-    save_tokens(tokenize_cpt([p + r for p, r in zip(PROMPTS, RESPONSES)], tok), root / "math_cpt")
-    save_tokens(tokenize_ift(PROMPTS, RESPONSES, tok, template="Q: {prompt}\nA:{response}"), root / "math_ift")
-    base = build_model(ARCH, tok, seed=0)
-    base.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    return root
 
 
 def _free_port() -> int:
