@@ -369,7 +369,7 @@ def test_ift_packing_packs_examples_into_full_windows(world):
     assert b.input_ids.shape == (4, 24) and b.n_tokens == 96
     # the loss counts responses only: fewer loss tokens than inputs, more than none
     assert 0 < b.n_loss_tokens < b.n_tokens
-    x, y = b.input_ids.numpy(), b.targets.numpy()
+    y = b.targets.numpy()
     assert ((y == -100) | (y >= 0)).all()
 
 

@@ -403,11 +403,10 @@ def train(
                 dist.accelerator.backward(total)
             else:
                 total.backward()
-            if cfg.grad_clip > 0:
-                clip = dist.accelerator.clip_grad_norm_ if dist.accelerator is not None \
-                    else torch.nn.utils.clip_grad_norm_
-                gnorm = float(clip(params, cfg.grad_clip, foreach=False) if dist.accelerator is None
-                              else clip(params, cfg.grad_clip))
+            if cfg.grad_clip > 0 and dist.accelerator is not None:
+                gnorm = float(dist.accelerator.clip_grad_norm_(params, cfg.grad_clip))
+            elif cfg.grad_clip > 0:
+                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=False))
             else:
                 gnorm = float(torch.linalg.vector_norm(
                     torch.stack([p.grad.norm() for p in params if p.grad is not None])))
@@ -714,9 +713,8 @@ def finetune(
             raise ValueError(f"{prev} used a schedule of {state['schedule_total']} steps, this run {schedule_total}")
         state["schedule_total"] = schedule_total
         continued_from = str(prev)
-    elif state is None and plan["from"] != "base":
-        if plan["from"] == "trunk":
-            raise ValueError("a cool-down branch needs its trunk checkpoint (prev_checkpoint_dir)")
+    elif state is None and plan["from"] == "trunk":
+        raise ValueError("a cool-down branch needs its trunk checkpoint (prev_checkpoint_dir)")
     if state is None:
         base = load_model(base_dir)
         with torch.random.fork_rng(devices=[]):
