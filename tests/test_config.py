@@ -18,7 +18,8 @@ def test_default_and_tiny_configs_are_valid():
     for raw in (DEFAULT, TINY):
         cfg = lfconfig.validate(raw)
         assert cfg["analysis"]["fraction"] == 0.9
-        assert cfg["evaluation"]["forgetting"] == ["lf_facts", "acc"]
+        assert cfg["evaluation"]["groups"]["forgetting"] == {"role": "forgetting", "tasks": ["lf_facts"],
+                                                             "metric": "acc"}
 
 
 def test_defaults_are_filled_for_a_minimal_config():
@@ -95,8 +96,11 @@ BAD = [
     ("lora rank above width", _with("methods.lora.rank", 64), "methods.lora.rank"),
     ("bad lora target", _with("methods.lora.target", "embeddings"), "methods.lora"),
     ("unknown method type", _with("methods.lora.type", "magic"), "methods.lora"),
-    ("unknown task", _with("evaluation.tasks", ["lf_math", "lf_facts", "lf_code", "nope"]), "evaluation.tasks[3]"),
-    ("learning task not evaluated", _with("evaluation.tasks", ["lf_facts", "lf_code"]), "evaluation.learning.math"),
+    ("unknown task", _with("evaluation.groups", {"forgetting": {"role": "forgetting", "tasks": ["nope"],
+                                                                "metric": "acc"}}),
+     "evaluation.groups.forgetting.tasks[0]"),
+    ("no learning group for a run domain", _with("evaluation.groups", {"forgetting": {
+        "role": "forgetting", "tasks": ["lf_facts"], "metric": "acc"}}), "evaluation.groups"),
     ("unknown data key", _with("data.math.n_problems", 10), "data.math"),
     ("bad data value", _with("data.source.n_entities", 1), "data.source"),
     ("unknown base mix dataset", _with("base.mix", {"wikipedia": 1.0}), "base.mix"),
@@ -105,7 +109,12 @@ BAD = [
     ("unknown model key", _with("model.n_layers", 2), "model"),
     ("sequence longer than the context", _with("finetune.seq_len", 1024), "runs[0].train.seq_len"),
     ("threads zero", _with("threads.train", 0), "threads.train"),
-    ("fewshot for a task not evaluated", _with("evaluation.num_fewshot", {"gsm8k": 5}), "evaluation.num_fewshot.gsm8k"),
+    ("fewshot for a task not in the group", _with("evaluation.groups", {
+        "math": {"role": "learning", "domain": "math", "tasks": ["lf_math"], "metric": "exact_match",
+                 "filter": "strict-match", "num_fewshot": {"gsm8k": 5}},
+        "code": {"role": "learning", "domain": "code", "tasks": ["lf_code"], "metric": "bits_per_byte"},
+        "forgetting": {"role": "forgetting", "tasks": ["lf_facts"], "metric": "acc"}}),
+     "evaluation.groups.math.num_fewshot"),
 ]
 
 

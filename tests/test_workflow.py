@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,26 @@ def test_default_dry_run_plans_every_stage(tmp_path):
     assert jobs["train"] == n_ckpt and n_runs >= 4
     assert jobs["evaluate"] == n_ckpt + 1  # the base model is evaluated too
     assert jobs["analyze"] == n_ckpt
+    # HumanEval and code samples are generated and scored on the base and the code runs
+    n_code = sum(len(r.get("durations", cfg["durations"]["values"])) for r in cfg["runs"] if r["domain"] == "code")
+    assert jobs["score"] == n_code + 1
+
+
+def test_uncached_hub_dataset_stops_before_any_job_with_one_line(tmp_path, monkeypatch):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["evaluation"]["groups"]["math"] = {"role": "learning", "domain": "math", "tasks": ["gsm8k"],
+                                           "metric": "exact_match", "filter": "strict-match", "num_fewshot": 5}
+    paper = tmp_path / "hub.yaml"
+    paper.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    proc = snakemake(tmp_path, paper, "-n", check=False)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("learn-forget:")]
+    assert len(lines) == 1, proc.stdout + proc.stderr
+    assert "'gsm8k'" in lines[0] and "openai/gsm8k" in lines[0] and "evaluation.datasets" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
@@ -83,6 +104,19 @@ def test_tiny_study_artefacts(tiny_study):
     report = (res / "report.md").read_text()
     for run in ["math-full", "math-lora", "code-lora"]:
         assert run in report
+    assert "## Evaluation protocol" in report and "Generation diversity, lf_humaneval" in report
+    # sampled generations: HumanEval executed in the sandbox, code samples parsed; diversity rows
+    div = metrics[metrics["role"] == "diversity"]
+    assert set(div["task"]) == {"lf_humaneval", "lf_code_gen"}
+    assert set(div["run"]) == {"base", "code-lora"} and len(div) == 2 * 3 * 3  # tasks x checkpoints x metrics
+    passk = metrics[(metrics["task"] == "lf_humaneval") & (metrics["metric"] == "pass@1")]
+    assert len(passk) == 3 and passk["value"].between(0, 1).all()
+    ex = [json.loads(line) for line in (res / "evals" / "code-lora" / "2.executions.jsonl").read_text().splitlines()]
+    assert len([e for e in ex if e["task"] == "lf_humaneval"]) == 3 * 2  # limit 3 problems x 2 samples
+    assert all(e["status"] in ("passed", "failed", "timeout", "error") for e in ex if e["task"] == "lf_humaneval")
+    groups = metrics[metrics["role"].isin(["learning", "forgetting"])]
+    assert set(groups["task"]) == {"math", "code", "forgetting"}
+    assert set(metrics[(metrics["run"] == "math-full")]["task"]) & {"code", "lf_code", "lf_humaneval"} == set()
     # checkpoints: full finetuning as an HF model, LoRA as a peft adapter
     assert (res / "runs" / "math-full" / "2" / "model" / "model.safetensors").exists()
     assert (res / "runs" / "math-lora" / "2" / "model" / "adapter_config.json").exists()
@@ -113,7 +147,18 @@ def test_evaluation_setting_change_retrains_nothing(tiny_study, tmp_path):
     changed.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(tiny_study, changed, "-n", "--cores", "2"))
     assert jobs.get("evaluate", 0) == 7  # base + 3 runs x 2 durations
+    assert jobs.get("score", 0) == 3  # the base and code-lora's checkpoints: new samples logs
     assert "train" not in jobs and "base" not in jobs and "tokenize" not in jobs
+
+
+@pytest.mark.e2e
+def test_scoring_setting_change_regenerates_nothing(tiny_study, tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["evaluation"]["groups"]["samples"]["k"] = [1, 2]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(snakemake(tiny_study, changed, "-n", "--cores", "2"))
+    assert jobs == {"score": 3, "report": 1, "all": 1}, jobs
 
 
 @pytest.mark.e2e

@@ -280,21 +280,16 @@ def check(cfg: dict) -> None:
         if len(set(labels)) != len(labels):
             raise ConfigError(key, f"durations collide after formatting: {labels}")
 
-    from learnforget.evaluation import TASKS
+    from learnforget.evaluation import check_groups
 
-    tasks = cfg["evaluation"]["tasks"]
-    for j, t in enumerate(tasks):
-        if t not in TASKS:
-            raise ConfigError(f"evaluation.tasks[{j}]", f"unknown task {t!r}; known offline tasks: {sorted(TASKS)}")
-    for dom, (task, _metric) in cfg["evaluation"]["learning"].items():
-        if task not in tasks:
-            raise ConfigError(f"evaluation.learning.{dom}", f"task {task!r} is not in evaluation.tasks")
-    ftask = cfg["evaluation"]["forgetting"][0]
-    if ftask not in tasks:
-        raise ConfigError("evaluation.forgetting", f"task {ftask!r} is not in evaluation.tasks")
-    for t in cfg["evaluation"]["num_fewshot"]:
-        if t not in tasks:
-            raise ConfigError(f"evaluation.num_fewshot.{t}", f"task {t!r} is not in evaluation.tasks")
+    try:
+        check_groups(cfg["evaluation"], {r["domain"] for r in cfg["runs"]})
+    except ValueError as exc:
+        path, _, msg = str(exc).partition(": ")
+        raise ConfigError(path, msg) from None
+    for dataset_id, folder in cfg["evaluation"]["datasets"].items():
+        if not Path(folder).is_dir():
+            raise ConfigError(f"evaluation.datasets.{dataset_id}", f"{folder} is not a folder")
 
 
 def validate(cfg: dict) -> dict:
@@ -322,10 +317,28 @@ def token_datasets(cfg: dict) -> list[str]:
     return sorted(names)
 
 
-def eval_params(cfg: dict) -> dict:
-    """The evaluation settings (a change reruns evaluations only)."""
+#: Sampling settings that only the scoring job reads (see learnforget.scoring).
+SCORING_ONLY = ("k", "timeout_s")
+
+
+def eval_params(cfg: dict, run_domain: str | None) -> dict:
+    """The evaluation settings of a checkpoint of a run of ``run_domain`` (None: the base);
+    a change reruns those evaluations only."""
+    from learnforget.evaluation import plan
+
     ev = cfg["evaluation"]
-    return {k: ev[k] for k in ("tasks", "batch_size", "limit", "num_fewshot")}
+    items = plan(ev, run_domain)
+    for item in items:  # settings of the scoring job only: changing them does not regenerate
+        if item["sampling"]:
+            item["sampling"] = {k: v for k, v in item["sampling"].items() if k not in SCORING_ONLY}
+    return {"plan": items, "task_dirs": list(ev["task_dirs"]), "datasets": dict(ev["datasets"])}
+
+
+def score_params(cfg: dict, run_domain: str | None) -> list[dict]:
+    """The sampled tasks' plan items of a checkpoint, for its scoring job."""
+    from learnforget.evaluation import plan
+
+    return [item for item in plan(cfg["evaluation"], run_domain) if item["sampling"]]
 
 
 def dump(cfg: dict) -> str:

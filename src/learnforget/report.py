@@ -13,7 +13,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -470,6 +470,49 @@ def _value_tables(metrics, learning, forgetting) -> list[str]:
     return out
 
 
+def _diversity_table(metrics) -> list[str]:
+    """Generation diversity (paper section 4.4) per run and duration, one table per task."""
+    if metrics is None or "role" not in metrics:
+        return []
+    div = metrics[metrics["role"] == "diversity"]
+    out = []
+    for task, rows in div.groupby("task", sort=True):
+        wide = rows.pivot_table(index=["run", "duration"], columns="metric", values="value", aggfunc="mean")
+        wide = wide.reset_index()
+        wide["duration"] = [_fmt_dur(d) for d in wide["duration"]]
+        out += [f"**Generation diversity, {task}** (means over problems of the samples of one problem: distinct "
+                "normalised solutions, their share, and mean pairwise similarity; more distinct and less "
+                "similar = more diverse)", "", markdown_table(wide.set_index(["run", "duration"]), index=True), ""]
+    return out
+
+
+def evaluation_protocol(groups: Mapping[str, Mapping], n_shot: Mapping[str, Any] | None = None) -> list[str]:
+    """Markdown lines stating how every task group was scored: role, tasks, metric and filter
+    per task, shots (as lm-eval ran them, from ``n_shot``), limits and sampling settings."""
+    from learnforget.evaluation import GroupSpec, TASKS
+
+    rows = []
+    for name in sorted(groups):
+        g = GroupSpec.from_dict(groups[name])
+        for task in g.tasks:
+            shots = (n_shot or {}).get(task, g.shots(task))
+            entry = TASKS.get(task)
+            how = "-"
+            if entry is not None and entry.sampled:
+                how = (f"{g.samples} samples/problem, temperature {g.temperature}, top-p {g.top_p}, "
+                       f"max {g.max_gen_toks} new tokens" + (", executed in the sandbox" if entry.scorer == "humaneval"
+                                                              else ", parsed only"))
+            rows.append({"group": name, "role": g.role + (f" ({g.domain})" if g.domain else ""), "task": task,
+                         "metric": g.metric_of(task) or "all", "filter": g.filter_of(task),
+                         "shots": "task default" if shots is None else shots,
+                         "limit": g.limit if g.limit is not None else "config", "generation": how})
+    if not rows:
+        return []
+    table = pd.DataFrame(rows)
+    return ["A group's score is the mean of its tasks' metric; the forgetting score is the forgetting group's.",
+            "", markdown_table(table, index=False), ""]
+
+
 def _spectral_table(spectral) -> list[str]:
     if spectral is None or len(spectral) == 0:
         return []
@@ -536,7 +579,7 @@ def _rel(target, start_dir: Path) -> str:
 
 def write_report(metrics: pd.DataFrame, spectral: pd.DataFrame | None, figures: Mapping[str, str], out_md, *,
                  config: Mapping, provenance: Mapping, learning: Mapping | None = None, forgetting=None,
-                 title: str | None = None, tol: float = 0.005) -> str:
+                 title: str | None = None, tol: float = 0.005, protocol: list[str] | None = None) -> str:
     """Write ``report.md`` atomically and return its text.
 
     ``figures`` maps a name to a PNG path (a PDF next to it is linked too); links are relative
@@ -578,9 +621,12 @@ def write_report(metrics: pd.DataFrame, spectral: pd.DataFrame | None, figures: 
     tables = []
     if metrics is not None and len(metrics):
         tables += _value_tables(metrics, learning or {}, forgetting)
+    tables += _diversity_table(metrics)
     tables += _spectral_table(spectral)
     if tables:
         lines += ["## Key numbers", ""] + tables
+    if protocol:
+        lines += ["## Evaluation protocol", ""] + list(protocol)
 
     lines += ["## Provenance", ""]
     lines += _provenance(provenance or {})

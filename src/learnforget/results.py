@@ -3,30 +3,32 @@
 One row per run x duration x task x metric with the columns of :data:`COLUMNS`.
 
 Metric names: lm-eval keys are ``"metric,filter"``. The tidy name is the bare metric when the
-filter is ``none`` (``acc``, ``bits_per_byte``) and ``metric_filter`` otherwise
+filter is ``none`` (``acc``, ``bits_per_byte``, ``pass@1``) and ``metric_filter`` otherwise
 (``exact_match_strict-match``); see :func:`metric_name`. Standard errors (``*_stderr``) and
 lm-eval's bookkeeping fields (``alias``, ``name``, ``sample_len``) are dropped, and for tasks in
-the registry only the metrics it lists are kept.
+the registry only the metrics it lists are kept (``bypass``, the placeholder metric of sampled
+tasks, never is).
 
-Roles (``role``):
+Rows and their ``role``:
 
-- the base model (``method == "base"``): a task of a target domain (math, code) is
-  ``learning`` and the row's ``domain`` is the task's; a source task's higher-is-better metric
-  is ``forgetting`` (domain ``source``); anything else is ``other`` (domain: the task's).
-- a finetuned run of domain D: tasks of domain D are ``learning``; source tasks are
-  ``forgetting`` where higher is better, else ``other``; other tasks are ``other``; ``domain``
-  is the run's.
+- ``task``: a task's own metric, from lm-eval (``evals/RUN/D.json``) or from the scoring of
+  sampled generations (``evals/RUN/D.scored.json``: pass@k, parses);
+- ``diversity``: the generation diversity of a sampled task (distinct normalised solutions,
+  their share, mean pairwise similarity; paper section 4.4), from the scoring;
+- ``learning`` / ``forgetting`` / ``other``: a task group's score (``task`` = the group's name),
+  the mean of its tasks' group metric, added by :func:`collect` from ``evaluation.groups``.
 
-Tasks outside the registry (lm-eval built-ins passed through) have no domain: ``other``.
+``domain``: a learning group's row has the group's domain; every other row of a finetuned run
+has the run's domain; the base model's rows have ``""``, except forgetting rows (``source``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from learnforget import io
-from learnforget.evaluation import TASKS, get_task
+from learnforget.evaluation import TASKS, GroupSpec, get_task, parse_groups
 
 COLUMNS = [
     "run",
@@ -41,8 +43,8 @@ COLUMNS = [
     "higher_is_better",
     "task_version",
 ]
-#: Target (finetuning) domains; the rest of the registry's domains is ``source``.
-TARGET_DOMAINS = ("math", "code")
+#: Roles of rows (see the module docstring).
+ROW_ROLES = ("task", "diversity", "learning", "forgetting", "other")
 _SKIP_FIELDS = {"alias", "name", "sample_len", "samples"}
 
 
@@ -57,81 +59,103 @@ def primary_metric(task: str) -> str:
     return metric_name(get_task(task).primary_metric)
 
 
-def _role(base: bool, run_domain: str, task_domain: str | None, hib: bool | None) -> tuple[str, str | None]:
-    """(role, domain column) of one metric row."""
-    if base:
-        if task_domain in TARGET_DOMAINS:
-            return "learning", task_domain
-        if task_domain == "source" and hib is True:
-            return "forgetting", "source"
-        return "other", task_domain
-    if task_domain is not None and task_domain == run_domain:
-        return "learning", run_domain
-    if task_domain == "source" and hib is True:
-        return "forgetting", run_domain
-    return "other", run_domain
-
-
 def _number(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
 
 
-def tidy_rows(eval_json: dict) -> list[dict]:
-    """Rows (dicts with :data:`COLUMNS`) of one evaluation JSON (see module docstring)."""
+def _meta(eval_json: dict) -> tuple[dict, float]:
     meta = eval_json.get("learnforget") or {}
     missing = [k for k in ("run", "method", "duration") if k not in meta]
     if missing:
         raise ValueError(f"evaluation JSON lacks learnforget.{missing} (who/when was evaluated)")
-    base = meta["method"] == "base"
-    run_domain = meta.get("domain") or ""
     try:
         duration = float(meta["duration"])
     except (TypeError, ValueError):
         raise ValueError(f"learnforget.duration {meta['duration']!r} is not a number") from None
+    return meta, duration
+
+
+def tidy_rows(eval_json: dict) -> list[dict]:
+    """Task and diversity rows (dicts with :data:`COLUMNS`) of one evaluation or scoring JSON."""
+    meta, duration = _meta(eval_json)
+    domain = "" if meta["method"] == "base" else (meta.get("domain") or "")
+    scored = "diversity" in eval_json
     versions = eval_json.get("versions") or {}
     hib_all = eval_json.get("higher_is_better") or {}
+
+    def row(task, metric, value, role, hib, version=None):
+        return {"run": meta["run"], "method": meta["method"], "domain": domain, "regime": meta.get("regime") or "",
+                "duration": duration, "task": task, "metric": metric, "value": value, "role": role,
+                "higher_is_better": hib, "task_version": version}
+
     rows = []
     for task in sorted(eval_json.get("results") or {}):
         res = eval_json["results"][task]
         entry = TASKS.get(task)
-        task_domain = entry.domain if entry else None
         for key in sorted(res):
             if key in _SKIP_FIELDS or "," not in key:
                 continue
             bare, _, _filt = key.partition(",")
-            if bare.endswith("_stderr"):
+            if bare.endswith("_stderr") or bare == "bypass":
                 continue
-            if entry is not None and key not in entry.metrics:
+            if entry is not None and not scored and key not in entry.metrics:
                 continue
             value = _number(res[key])
             if value is None:
                 continue
             hib = (hib_all.get(task) or {}).get(bare)
-            hib = None if hib is None else bool(hib)
-            role, domain = _role(base, run_domain, task_domain, hib)
             version = versions.get(task)
-            rows.append(
-                {
-                    "run": meta["run"],
-                    "method": meta["method"],
-                    "domain": domain,
-                    "regime": meta.get("regime") or "",
-                    "duration": duration,
-                    "task": task,
-                    "metric": metric_name(key),
-                    "value": value,
-                    "role": role,
-                    "higher_is_better": hib,
-                    "task_version": None if version is None else str(version),
-                }
-            )
+            rows.append(row(task, metric_name(key), value, "task", None if hib is None else bool(hib),
+                            None if version is None else str(version)))
+    for task in sorted(eval_json.get("diversity") or {}):
+        for metric, value in sorted(eval_json["diversity"][task].items()):
+            value = _number(value)
+            if value is not None:
+                rows.append(row(task, metric, value, "diversity", None))
     return rows
 
 
-def collect(eval_json_paths: Iterable[str | os.PathLike]):
-    """All rows of the given evaluation JSONs as a DataFrame, sorted by run, duration, task, metric."""
+def group_rows(df, groups: Mapping[str, Mapping | GroupSpec]) -> list[dict]:
+    """One row per checkpoint and task group: the mean of the group's tasks' metric (only when
+    every task of the group has it for that checkpoint; see the module docstring for roles)."""
+    specs = {n: g if isinstance(g, GroupSpec) else None for n, g in groups.items()}
+    raw = {n: g for n, g in groups.items() if not isinstance(g, GroupSpec)}
+    specs.update(parse_groups(raw))
+    tasks = df[df["role"].isin(["task", "diversity"])]
+    lookup = {(r.run, r.duration, r.task, r.metric): (r.value, r.higher_is_better)
+              for r in tasks.itertuples(index=False)}
+    rows = []
+    for (run, duration), ck in tasks.groupby(["run", "duration"], sort=True):
+        first = ck.iloc[0]
+        base = first["method"] == "base"
+        for name, g in specs.items():
+            if g.metric is None:
+                continue
+            keys = [(t, metric_name(g.metric_key(t))) for t in g.tasks]
+            found = [lookup.get((run, duration, t, m)) for t, m in keys]
+            if any(f is None for f in found):
+                continue
+            names = {m for _, m in keys}
+            hibs = {f[1] for f in found}
+            if g.role == "learning":
+                domain = g.domain
+            elif g.role == "forgetting":
+                domain = "source" if base else first["domain"]
+            else:
+                domain = first["domain"]
+            rows.append({"run": run, "method": first["method"], "domain": domain, "regime": first["regime"],
+                         "duration": duration, "task": name, "metric": names.pop() if len(names) == 1 else "score",
+                         "value": sum(f[0] for f in found) / len(found), "role": g.role,
+                         "higher_is_better": hibs.pop() if len(hibs) == 1 else None, "task_version": None})
+    return rows
+
+
+def collect(eval_json_paths: Iterable[str | os.PathLike], groups: Mapping | None = None):
+    """All rows of the given evaluation (and scoring) JSONs as a DataFrame, plus a row per task
+    group and checkpoint when ``groups`` (``evaluation.groups``) is given; sorted by run,
+    duration, task, metric."""
     import pandas as pd
 
     rows = []
@@ -141,6 +165,8 @@ def collect(eval_json_paths: Iterable[str | os.PathLike]):
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
     df = pd.DataFrame(rows, columns=COLUMNS)
+    if groups:
+        df = pd.concat([df, pd.DataFrame(group_rows(df, groups), columns=COLUMNS)], ignore_index=True)
     df["duration"] = df["duration"].astype(float)
     df["value"] = df["value"].astype(float)
     df = df.sort_values(["run", "duration", "task", "metric"], kind="mergesort").reset_index(drop=True)

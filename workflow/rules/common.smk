@@ -1,5 +1,6 @@
 # Validation first, then the input functions every rule uses (no lambdas in rules).
 import sys
+from pathlib import Path
 
 from learnforget import config as lfconfig
 
@@ -11,6 +12,15 @@ except lfconfig.ConfigError as exc:
 # not depend on the order keys were written in the YAML.
 config.clear()
 config.update(lfconfig.as_hashable(_validated))
+
+from learnforget import evaluation as lfeval, hub
+
+try:  # hub datasets of lm-eval built-in tasks: cached, copied locally or reachable
+    hub.check_tasks(
+        lfeval.hub_tasks(config["evaluation"]), config["evaluation"]["datasets"]
+    )
+except hub.DatasetUnavailable as exc:
+    sys.exit(f"learn-forget: {exc}")
 
 R = config["output_dir"]
 RUNS = {run.name: run for run in lfconfig.expand_runs(config)}
@@ -110,7 +120,11 @@ def checkpoint_input(wildcards):
 
 
 def evaluate_input(wildcards):
-    return {**checkpoint_input(wildcards), **data_files()}
+    return {
+        **checkpoint_input(wildcards),
+        **data_files(),
+        "task_files": task_dir_files(),
+    }
 
 
 def run_meta(wildcards):
@@ -136,8 +150,34 @@ def run_meta(wildcards):
     )
 
 
+def _run_domain(wildcards):
+    return None if wildcards.run == "base" else RUNS[wildcards.run].domain
+
+
 def eval_params(wildcards):
-    return lfconfig.as_hashable(lfconfig.eval_params(config))
+    return lfconfig.as_hashable(lfconfig.eval_params(config, _run_domain(wildcards)))
+
+
+def score_plan(wildcards):
+    """The sampled tasks' plan items (a change to other groups does not rescore)."""
+    return lfconfig.as_hashable(lfconfig.score_params(config, _run_domain(wildcards)))
+
+
+def task_dir_files(wildcards=None):
+    """The user's lm-eval task files (a change reruns the evaluations)."""
+    return sorted(
+        str(p)
+        for d in config["evaluation"]["task_dirs"]
+        for p in Path(d).rglob("*")
+        if p.is_file()
+        and p.suffix in (".yaml", ".yml", ".py", ".jinja", ".txt", ".json")
+    )
+
+
+def scored(run, duration):
+    """Whether a checkpoint's evaluation has sampled tasks (then a score job follows it)."""
+    domain = None if run == "base" else RUNS[run].domain
+    return any(i["sampling"] for i in lfeval.plan(config["evaluation"], domain))
 
 
 def analysis_params(wildcards):
@@ -145,7 +185,12 @@ def analysis_params(wildcards):
 
 
 def all_evaluations(wildcards=None):
-    return [f"{R}/evals/{r}/{d}.json" for r, d in study_checkpoints()]
+    paths = []
+    for r, d in study_checkpoints():
+        paths.append(f"{R}/evals/{r}/{d}.json")
+        if scored(r, d):
+            paths.append(f"{R}/evals/{r}/{d}.scored.json")
+    return paths
 
 
 def all_training_jobs(wildcards=None):
@@ -165,8 +210,8 @@ def report_params(wildcards):
     return lfconfig.as_hashable(
         {
             "study": config["study"],
-            "learning": config["evaluation"]["learning"],
-            "forgetting": config["evaluation"]["forgetting"],
+            **lfeval.headline(lfeval.parse_groups(config["evaluation"]["groups"])),
+            "groups": config["evaluation"]["groups"],
             "runs": {name: r.meta() for name, r in RUNS.items()},
             "config": config,
         }

@@ -1,4 +1,4 @@
-"""Evaluate one checkpoint (or the base) on every configured task (learnforget.evaluation)."""
+"""Evaluate one checkpoint (or the base) on its evaluation plan (learnforget.evaluation)."""
 
 from pathlib import Path
 
@@ -19,15 +19,14 @@ else:
 data_root = Path(snakemake.input.source_train).parents[1]
 out = evaluate_checkpoint(
     model_dir,
-    settings["tasks"],
+    settings["plan"],
     data_root,
     snakemake.output.results,
     adapter_dir=adapter_dir,
     tokenizer_dir=base,
-    batch_size=settings["batch_size"],
-    limit=settings["limit"],
-    num_fewshot=settings["num_fewshot"] or None,
+    task_dirs=settings["task_dirs"],
+    datasets=settings["datasets"],
     log_samples_path=snakemake.output.samples,
     extra_meta=meta,
 )
-log.info("%s@%s evaluated on %s", meta["run"], meta["duration"], ", ".join(settings["tasks"]))
+log.info("%s@%s evaluated on %s", meta["run"], meta["duration"], ", ".join(i["task"] for i in settings["plan"]))

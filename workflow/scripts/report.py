@@ -5,9 +5,9 @@ from pathlib import Path
 import pandas as pd
 
 from learnforget import figures, provenance, results
-from learnforget.io import atomic_path
+from learnforget.io import atomic_path, read_json
 from learnforget.logs import setup
-from learnforget.report import write_report
+from learnforget.report import evaluation_protocol, write_report
 
 log = setup(snakemake.log[0])
 spec = snakemake.params.spec
@@ -15,7 +15,7 @@ out = snakemake.output
 learning = {domain: tuple(v) for domain, v in spec["learning"].items()}
 forgetting = tuple(spec["forgetting"])
 
-metrics = results.collect(snakemake.input.evals)
+metrics = results.collect(snakemake.input.evals, groups=spec["groups"])
 spectral = pd.concat([pd.read_csv(p) for p in snakemake.input.spectral], ignore_index=True)
 spectral = spectral.sort_values(["run", "duration", "layer", "module"], kind="stable").reset_index(drop=True)
 training = results.training_table(Path(d) / "manifest.json" for d in snakemake.input.training)
@@ -32,7 +32,7 @@ drawn = {
 }
 missing = [name for name, files in drawn.items() if not files]
 if missing:
-    raise SystemExit(f"report: no data for figure(s) {', '.join(missing)}: check evaluation.learning/forgetting")
+    raise SystemExit(f"report: no data for figure(s) {', '.join(missing)}: check evaluation.groups")
 pngs = {name: next(f for f in files if str(f).endswith(".png")) for name, files in drawn.items()}
 
 results_dir = Path(out.report).parent
@@ -40,6 +40,11 @@ prov = provenance.collect(
     Path(snakemake.scriptdir).parents[1], results_dir,
     seeds={"study": spec["config"]["seed"], **{r: m["seed"] for r, m in spec["runs"].items()}},
 )
+n_shot = {}
+for path in snakemake.input.evals:  # the shots lm-eval actually used (the base runs every task)
+    if not path.endswith(".scored.json"):
+        n_shot.update(read_json(path).get("n-shot") or {})
 write_report(metrics, spectral, pngs, out.report, config=spec["config"], provenance=prov,
-             learning=learning, forgetting=forgetting, title=None)
+             learning=learning, forgetting=forgetting, title=None,
+             protocol=evaluation_protocol(spec["groups"], n_shot))
 log.info("report: %d metric rows, %d spectral rows, figures %s", len(metrics), len(spectral), sorted(pngs))
