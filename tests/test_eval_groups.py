@@ -187,3 +187,32 @@ def test_group_rows_are_means_and_roles(tmp_path):
     row = df[(df.run == "r") & (df.task == "forgetting")].iloc[0]
     assert pd.isna(row["higher_is_better"]) or row["higher_is_better"] is None
     assert group_rows(pd.DataFrame(tidy_rows(files["r.json"])), {"x": {"tasks": ["lf_facts"]}}) == []
+
+
+def test_paper_protocol_validates_and_needs_its_four_datasets(tmp_path, monkeypatch):
+    import yaml
+
+    from learnforget import hub
+
+    raw = lfconfig.load("config/config.yaml")
+    raw["evaluation"] = yaml.safe_load(open("config/protocols/paper-eval.yaml"))["evaluation"]
+    cfg = lfconfig.validate(raw)
+    groups = ev.parse_groups(cfg["evaluation"]["groups"])
+    assert groups["math"].shots("gsm8k") == 5 and groups["math"].metric_key("gsm8k") == "exact_match,strict-match"
+    assert groups["code"].samples == 50 and groups["code"].temperature == 0.2 and groups["code"].top_p == 0.95
+    assert ev.headline(groups) == {"learning": {"math": ["math", "exact_match_strict-match"],
+                                                "code": ["code", "pass@1"]}, "forgetting": ["forgetting", "score"]}
+    tasks = ev.hub_tasks(cfg["evaluation"])
+    assert tasks == ["arc_challenge", "gsm8k", "hellaswag", "winogrande"]
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hub.DatasetUnavailable, match="allenai/ai2_arc"):
+        hub.check_tasks(tasks, {})
+    copies = {}
+    for dataset, config in {"openai/gsm8k": "main", "Rowan/hellaswag": "default",
+                            "allenai/winogrande": "winogrande_xl", "allenai/ai2_arc": "ARC-Challenge"}.items():
+        copies[dataset] = str(hub.write_local_dataset(tmp_path / dataset.replace("/", "_"), config, {"test": [{}]}))
+    found = hub.check_tasks(tasks, copies)
+    assert {t: f["source"] for t, f in found.items()} == {t: "local" for t in tasks}
+    cfg["evaluation"]["datasets"] = copies
+    lfconfig.validate(cfg)

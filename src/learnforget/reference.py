@@ -60,6 +60,13 @@ def markdown() -> str:
     parts = ["### Top level (`config/schema/config.schema.yaml`)", "",
              _table([(f"`{p}`", t, d) for p, t, d in _schema_rows(lfconfig.load_schema())],
                     ["key", "type, default", "meaning"])]
+    from learnforget.evaluation import TASKS, GroupSpec
+
+    parts += ["", "### `evaluation.groups.*` (task groups)", "",
+              " ".join((GroupSpec.__doc__ or "").split()) + " The registry's tasks:", "",
+              _table([(f"`{n}`", t.domain, t.description + (" (sampled)" if t.sampled else ""))
+                      for n, t in TASKS.items()], ["task", "domain", "what it measures"]), "",
+              _table([(f"`{n}`", d, h) for n, d, h in _dataclass_rows(GroupSpec)], ["key", "default", "meaning"])]
     parts += ["", "### `finetune`, `runs[].train`, `base.train` (training settings)", "",
               _table([(f"`{n}`", d, h) for n, d, h in _dataclass_rows(TrainConfig)], ["key", "default", "meaning"])]
     for name, cls in METHODS.items():
