@@ -216,3 +216,23 @@ def test_paper_protocol_validates_and_needs_its_four_datasets(tmp_path, monkeypa
     assert {t: f["source"] for t, f in found.items()} == {t: "local" for t in tasks}
     cfg["evaluation"]["datasets"] = copies
     lfconfig.validate(cfg)
+
+
+def test_validate_cli_lists_groups_and_names_an_unavailable_dataset(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = yaml.safe_load(open("config/config.yaml"))
+    raw["evaluation"] = yaml.safe_load(open("config/protocols/paper-eval.yaml"))["evaluation"]
+    path = tmp_path / "paper-eval.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "learnforget.cli", "validate", str(path)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "evaluation group forgetting: forgetting, hellaswag, winogrande, arc_challenge" in proc.stdout
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("learn-forget: evaluation task") and "evaluation.datasets" in err[0]

@@ -24,6 +24,19 @@ def _validate(args) -> int:
         print(f"  {r.name}: {r.method_name} ({r.method['type']}) on {r.domain}/{r.regime}, "
               f"durations {', '.join(r.labels)} {r.unit}, lr {r.train.get('lr')}, "
               f"durations: {r.mode} ({MODES[r.mode]})")
+    from learnforget import evaluation, hub
+
+    for name, g in evaluation.parse_groups(cfg["evaluation"]["groups"]).items():
+        metric = g.metric if isinstance(g.metric, str) or g.metric is None else "per task"
+        print(f"  evaluation group {name}: {g.role}{' ' + g.domain if g.domain else ''}, "
+              f"{', '.join(g.tasks)}{', metric ' + metric if metric else ''}")
+    try:
+        found = hub.check_tasks(evaluation.hub_tasks(cfg["evaluation"]), cfg["evaluation"]["datasets"])
+    except hub.DatasetUnavailable as exc:
+        print(f"learn-forget: {exc}", file=sys.stderr)
+        return 2
+    for task, src in found.items():
+        print(f"  hub dataset of {task}: {src['dataset']} ({src['source']})")
     if args.show:
         print(lfconfig.dump(cfg))
     return 0
