@@ -22,10 +22,16 @@ from learnforget.io import read_json
 
 def finetune_job(kwargs: dict, processes: int = 1, device: str = "cpu", main_port: int | None = None) -> dict:
     """Run ``finetune(**kwargs)`` on ``processes`` processes; return the checkpoint's manifest."""
+    from learnforget import integrity
     from learnforget.train import finetune
 
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
+    # Never train on top of a damaged checkpoint: CorruptCheckpoint fails the job, and the next
+    # snakemake call quarantines the checkpoint and rebuilds it (learnforget.integrity.scan).
+    for key in ("base_dir", "prev_checkpoint_dir"):
+        if kwargs.get(key):
+            integrity.verify(kwargs[key])
     if processes == 1:
         return finetune(**kwargs, device=device)
     if shutil.which("accelerate") is None and not _module_available("accelerate"):

@@ -23,6 +23,15 @@ except hub.DatasetUnavailable as exc:
     sys.exit(f"learn-forget: {exc}")
 
 R = config["output_dir"]
+
+if workflow.is_main_process:  # damaged checkpoints are moved aside (kept) and rebuilt
+    from learnforget import integrity
+
+    integrity.scan(
+        R,
+        quarantine_root=f"{R}/quarantine",
+        log=lambda line: print(line, file=sys.stderr),
+    )
 RUNS = {run.name: run for run in lfconfig.expand_runs(config)}
 ENV = "../../envs/learnforget.yaml"
 

@@ -2,6 +2,7 @@
 
 import torch
 
+from learnforget.integrity import verify
 from learnforget.io import atomic_path
 from learnforget.logs import setup
 from learnforget.spectral import analyze
@@ -10,6 +11,8 @@ log = setup(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 meta = snakemake.params.meta
 settings = snakemake.params.settings
+for path in (snakemake.input.base, snakemake.input.checkpoint):
+    verify(path)  # its manifest's checksums, before anything is loaded
 table = analyze(
     snakemake.input.base,
     snakemake.input.checkpoint,
