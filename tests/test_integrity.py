@@ -306,3 +306,11 @@ def test_the_exception_pickles():
 
     exc = pickle.loads(pickle.dumps(CorruptCheckpoint("results/runs/x/2", "state.pt", "missing")))
     assert str(exc) == "checkpoint results/runs/x/2 is corrupt (state.pt: missing)"
+
+
+def test_verify_managed_leaves_foreign_model_folders_alone(tmp_path):
+    from learnforget.integrity import verify_managed
+
+    (tmp_path / "hf-model").mkdir()
+    (tmp_path / "hf-model" / "config.json").write_text("{}")
+    assert verify_managed(tmp_path / "hf-model") is False

@@ -233,7 +233,9 @@ def test_corrupt_checkpoint_is_quarantined_and_rebuilt(tiny_study, tmp_path):
     out = proc.stdout + proc.stderr
     assert "runs/math-full/1 is corrupt (model/model.safetensors" in out, out[-3000:]
     jobs = planned_jobs(proc)
-    assert jobs.get("train") == 2 and "base" not in jobs, jobs  # math-full 1, and 2 which continues from it
+    # math-full 1, and 2 which continues from it; their evaluations and analyses; the report
+    assert jobs == {"train": 2, "evaluate": 2, "analyze": 2, "report": 1, "all": 1}, jobs
     assert sorted(planned_outputs(proc, "train")) == ["results/runs/math-full/1", "results/runs/math-full/2"]
     kept = list((work / "results" / "quarantine" / "runs" / "math-full" / "1").glob("*/model/model.safetensors"))
     assert len(kept) == 1 and kept[0].stat().st_size == size // 2
+    assert len(list((work / "results" / "quarantine").glob("report-*.md"))) == 1  # the stale report, kept

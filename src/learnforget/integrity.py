@@ -206,6 +206,16 @@ def verify(ckpt_dir: str | os.PathLike, *, cache: bool = True) -> None:
         _write_stamp(ckpt, new)
 
 
+def verify_managed(path: str | os.PathLike, *, cache: bool = True) -> bool:
+    """:func:`verify` a folder this pipeline wrote (it has a ``manifest.json``); a model folder
+    from elsewhere (a user's Hugging Face model, no manifest) is left alone. Returns whether
+    it was verified."""
+    if not (Path(path) / MANIFEST).is_file():
+        return False
+    verify(path, cache=cache)
+    return True
+
+
 def is_intact(ckpt_dir: str | os.PathLike, *, cache: bool = True) -> bool:
     """Whether :func:`verify` passes (a missing folder is not intact)."""
     try:

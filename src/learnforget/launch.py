@@ -31,7 +31,7 @@ def finetune_job(kwargs: dict, processes: int = 1, device: str = "cpu", main_por
     # snakemake call quarantines the checkpoint and rebuilds it (learnforget.integrity.scan).
     for key in ("base_dir", "prev_checkpoint_dir"):
         if kwargs.get(key):
-            integrity.verify(kwargs[key])
+            integrity.verify_managed(kwargs[key])
     if processes == 1:
         return finetune(**kwargs, device=device)
     if shutil.which("accelerate") is None and not _module_available("accelerate"):

@@ -1,5 +1,7 @@
 # Validation first, then the input functions every rule uses (no lambdas in rules).
+import os
 import sys
+import time
 from pathlib import Path
 
 from learnforget import config as lfconfig
@@ -27,11 +29,20 @@ R = config["output_dir"]
 if workflow.is_main_process:  # damaged checkpoints are moved aside (kept) and rebuilt
     from learnforget import integrity
 
-    integrity.scan(
+    _corrupt = integrity.scan(
         R,
         quarantine_root=f"{R}/quarantine",
         log=lambda line: print(line, file=sys.stderr),
     )
+    # A missing intermediate output alone does not make Snakemake rerun what depends on it
+    # (that is how temp() files work), so the report, which every checkpoint feeds, is moved
+    # aside too: remaking it remakes the checkpoints and everything downstream of them.
+    if _corrupt and Path(f"{R}/report.md").exists():
+        _stale = Path(
+            f"{R}/quarantine/report-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.md"
+        )
+        _stale.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f"{R}/report.md", _stale)
 RUNS = {run.name: run for run in lfconfig.expand_runs(config)}
 ENV = "../../envs/learnforget.yaml"
 

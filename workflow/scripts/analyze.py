@@ -2,7 +2,7 @@
 
 import torch
 
-from learnforget.integrity import verify
+from learnforget.integrity import verify_managed
 from learnforget.io import atomic_path
 from learnforget.logs import setup
 from learnforget.spectral import analyze
@@ -12,7 +12,7 @@ torch.set_num_threads(snakemake.threads)
 meta = snakemake.params.meta
 settings = snakemake.params.settings
 for path in (snakemake.input.base, snakemake.input.checkpoint):
-    verify(path)  # its manifest's checksums, before anything is loaded
+    verify_managed(path)  # its manifest's checksums, before anything is loaded
 table = analyze(
     snakemake.input.base,
     snakemake.input.checkpoint,

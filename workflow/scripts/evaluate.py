@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from learnforget.evaluation import evaluate_checkpoint, resolve_model
-from learnforget.integrity import verify
+from learnforget.integrity import verify_managed
 from learnforget.logs import setup
 
 log = setup(snakemake.log[0])
@@ -15,7 +15,7 @@ meta = snakemake.params.meta
 base = Path(snakemake.input.base)
 for path in (base, snakemake.input.get("checkpoint")):
     if path:
-        verify(path)  # its manifest's checksums, before anything is loaded
+        verify_managed(path)  # its manifest's checksums, before anything is loaded
 if "checkpoint" in snakemake.input.keys():
     model_dir, adapter_dir = resolve_model(Path(snakemake.input.checkpoint) / "model", base)
 else:
