@@ -77,6 +77,23 @@ def _with(path: str, value):
 
 DELETE = object()
 
+
+def _with_all(*changes):
+    raw = copy.deepcopy(TINY)
+    for path, value in changes:
+        raw = _apply(raw, path, value)
+    return raw
+
+
+def _apply(raw, path, value):
+    node = raw
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node[int(k)] if k.isdigit() else node.setdefault(k, {})
+    node[int(keys[-1]) if keys[-1].isdigit() else keys[-1]] = value
+    return raw
+
+
 BAD = [
     ("unknown top-level key", _with("trainer", {}), "trainer"),
     ("unknown evaluation key", _with("evaluation.shots", 5), "shots"),
@@ -109,6 +126,13 @@ BAD = [
     ("unknown model key", _with("model.n_layers", 2), "model"),
     ("sequence longer than the context", _with("finetune.seq_len", 1024), "runs[0].train.seq_len"),
     ("threads zero", _with("threads.train", 0), "threads.train"),
+    ("spectrum layer beyond the model", _with("analysis.spectrum", {"layer": 2}), "analysis.spectrum.layer"),
+    ("unknown spectrum module", _with("analysis.spectrum", {"module": "attn"}), "analysis.spectrum.module"),
+    ("bad analysis device", _with("analysis.device", "tpu"), "analysis.device"),
+    ("negative swept learning rate", _with("runs.0.sweep", {"lr": [1e-3, -1e-3]}), "runs[0].sweep.lr"),
+    ("repeated seed", _with("runs.0.seeds", [1, 1]), "runs[0].seeds"),
+    ("a seed replicate's name taken", _with_all(("runs.0.seeds", [3]), ("runs.1.name", "math-full-s3")),
+     "runs[1].name"),
     ("fewshot for a task not in the group", _with("evaluation.groups", {
         "math": {"role": "learning", "domain": "math", "tasks": ["lf_math"], "metric": "exact_match",
                  "filter": "strict-match", "num_fewshot": {"gsm8k": 5}},
@@ -140,3 +164,35 @@ def test_cli_validate(capsys):
     assert main(["validate", str(REPO / "tests" / "tiny.yaml")]) == 0
     out = capsys.readouterr().out
     assert "3 runs" in out and "math-lora" in out and "continues" in out
+
+
+def test_seeds_and_sweep_expand_into_series():
+    raw = copy.deepcopy(TINY)
+    raw["runs"][0]["seeds"] = [3, 4]
+    raw["runs"][1]["sweep"] = {"lr": [1e-4, 2e-3]}
+    raw["runs"][1]["seeds"] = [5, 6]
+    cfg = lfconfig.validate(raw)
+    runs = {r.name: r for r in lfconfig.expand_runs(cfg)}
+    assert [n for n in runs if n.startswith("math-")] == [
+        "math-full-s3", "math-full-s4", "math-lora-lr0.0001-s5", "math-lora-lr0.0001-s6",
+        "math-lora-lr0.002-s5", "math-lora-lr0.002-s6"]
+    assert runs["math-full-s4"].seed == 4 and runs["math-full-s4"].series == "math-full"
+    lr = runs["math-lora-lr0.002-s6"]
+    assert lr.series == "math-lora-lr0.002" and lr.train_config.lr == 2e-3 and lr.seed == 6
+    assert lr.meta()["series"] == "math-lora-lr0.002" and lr.meta()["lr"] == 2e-3
+    assert runs["code-lora"].series == "code-lora"  # untouched runs are their own series
+    assert lfconfig.has_lr_sweep(list(runs.values()))
+    assert "sensitivity" in lfconfig.figure_names(cfg)
+    # validating the expanded config again changes nothing (the report and scripts re-read it)
+    again = lfconfig.validate(copy.deepcopy(cfg))
+    assert [r["name"] for r in again["runs"]] == [r["name"] for r in cfg["runs"]]
+
+
+def test_figure_names_follow_the_config():
+    cfg = lfconfig.validate(copy.deepcopy(TINY))
+    names = lfconfig.figure_names(cfg)
+    assert "sensitivity" not in names  # no learning-rate sweep
+    assert {"tradeoff", "learning", "forgetting", "diversity", "spectral_ranks", "spectrum"} <= set(names)
+    raw = copy.deepcopy(TINY)
+    raw["evaluation"]["groups"].pop("samples")
+    assert "diversity" not in lfconfig.figure_names(lfconfig.validate(raw))

@@ -251,3 +251,155 @@ def test_markdown_table():
     assert lines[1] == "| :--- | ---: | ---: |"
     assert lines[2] == "| a\\|b | 0.123 | 3 |"
     assert lines[3] == "| c | – | 4 |"
+
+
+# ----------------------------------------------------------------------------- seeds, sweeps, new figures
+
+
+def make_seeded(n_seeds=3, lrs=(1e-4, 1e-3)):
+    """math-full over seeds; math-lora swept over learning rates, each over seeds; the values
+    differ by seed so that the interval is known: seed k adds 0.01 * k."""
+    rows = []
+
+    def add(run, series, method, d, task, metric, value, role, seed, lr, domain="math"):
+        rows.append(dict(run=run, series=series, method=method, domain=domain, regime="ift", duration=d,
+                         task=task, metric=metric, value=value, role=role, higher_is_better=True,
+                         task_version=1, seed=seed, lr=lr))
+
+    add("base", "base", "base", 0, "lf_math", "exact_match_strict-match", 0.05, "learning", 7, None)
+    add("base", "base", "base", 0, "lf_facts", "acc", 0.60, "forgetting", 7, None, domain="source")
+    for k in range(n_seeds):
+        for d in (1, 2):
+            add(f"math-full-s{k}", "math-full", "full", d, "lf_math", "exact_match_strict-match",
+                0.2 * d + 0.01 * k, "learning", k, 5e-4)
+            add(f"math-full-s{k}", "math-full", "full", d, "lf_facts", "acc", 0.6 - 0.1 * d - 0.01 * k,
+                "forgetting", k, 5e-4)
+            for lr in lrs:
+                series = f"math-lora-lr{lr:g}"
+                gain = 0.1 if lr == max(lrs) else 0.05
+                add(f"{series}-s{k}", series, "lora", d, "lf_math", "exact_match_strict-match",
+                    gain * d + 0.01 * k, "learning", k, lr)
+                add(f"{series}-s{k}", series, "lora", d, "lf_facts", "acc", 0.6 - 0.02 * d, "forgetting", k, lr)
+    return pd.DataFrame(rows)
+
+
+def test_metric_table_aggregates_seeds_with_an_interval():
+    from scipy.stats import t
+
+    tab = F.metric_table(make_seeded(), LEARNING["math"], errors=True)
+    row = tab[(tab["run"] == "math-full") & (tab["duration"] == 2)].iloc[0]
+    vals = [0.4, 0.41, 0.42]
+    assert row["value"] == pytest.approx(sum(vals) / 3)
+    assert row["n"] == 3
+    sd = pd.Series(vals).std()
+    assert row["ci"] == pytest.approx(t.ppf(0.975, 2) * sd / 3 ** 0.5)
+    base = tab[tab["run"] == "base"].iloc[0]
+    assert base["n"] == 1 and pd.isna(base["ci"])
+    # without a series column every run is its own series (the old behaviour)
+    plain = F.metric_table(make_seeded().drop(columns=["series"]), LEARNING["math"])
+    assert "math-full-s0" in set(plain["run"]) and "math-full" not in set(plain["run"])
+
+
+def test_figures_draw_series_not_seeds(tmp_path):
+    m = make_seeded()
+    files, data = F.tradeoff(m, tmp_path, learning=LEARNING, forgetting=FORGETTING, return_data=True)
+    _files_ok(files, tmp_path)
+    panel = data[("math", "ift")]
+    assert set(panel) == {"base", "math-full", "math-lora-lr0.0001", "math-lora-lr0.001"}
+    assert panel["math-full"][-1] == pytest.approx((0.39, 0.41, 2.0))
+    full = F.tradeoff_data(m, learning=LEARNING, forgetting=FORGETTING, errors=True)[("math", "ift")]["math-full"]
+    assert full[-1][5] == 3 and full[-1][3] > 0 and full[-1][4] > 0  # both intervals, three seeds
+    _, curves = F.learning_curves(m, tmp_path, learning=LEARNING, return_data=True)
+    assert set(curves[("math", "ift")]) == set(panel)
+
+
+def test_pareto_front():
+    pts = [(0.6, 0.05), (0.5, 0.3), (0.55, 0.2), (0.45, 0.25), (0.4, 0.4), (0.5, 0.1)]
+    assert F.pareto_front(pts) == [(0.4, 0.4), (0.5, 0.3), (0.55, 0.2), (0.6, 0.05)]
+    # lower-is-better learning (bits per byte): the smallest y is best
+    assert F.pareto_front([(0.6, 2.0), (0.5, 1.5), (0.55, 1.8), (0.5, 1.9)], y_higher=False) == [
+        (0.5, 1.5), (0.55, 1.8), (0.6, 2.0)]
+
+
+def test_sensitivity_figure_only_with_a_sweep(tmp_path):
+    m = make_seeded()
+    files, data = F.sensitivity(m, tmp_path, learning=LEARNING, forgetting=FORGETTING, return_data=True)
+    _files_ok(files, tmp_path)
+    assert list(data) == [("math", "ift")]
+    assert list(data[("math", "ift")]) == ["lora"]  # full finetuning has one learning rate
+    lora = data[("math", "ift")]["lora"]
+    assert [p[0] for p in lora] == [1e-4, 1e-3]
+    assert lora[1][1] == pytest.approx(0.21) and lora[0][1] == pytest.approx(0.11)
+    assert lora[0][2] == pytest.approx(0.56)
+    assert F.sensitivity(make_seeded(lrs=(1e-3,)), tmp_path / "none", learning=LEARNING) == []
+    assert not (tmp_path / "none").exists()
+    text = "\n".join(R.findings(m, learning=LEARNING, forgetting=FORGETTING))
+    assert "lora: best at lr 0.001 (0.210), worst at lr 0.0001 (0.110)" in text
+
+
+def test_diversity_data(tmp_path):
+    rows = []
+    for run, series, dur, distinct, sim in (("base", "base", 0, 3.0, 0.5), ("full-s1", "full", 1, 1.5, 0.9),
+                                            ("full-s2", "full", 1, 2.5, 0.8), ("lora", "lora", 1, 3.0, 0.6),
+                                            ("lora", "lora", 2, 2.0, 0.7)):
+        for metric, v in (("distinct", distinct), ("mean_pairwise_similarity", sim), ("distinct_fraction", 0.5)):
+            rows.append(dict(run=run, series=series, method=run.split("-")[0], domain="code", regime="cpt",
+                             duration=dur, task="lf_humaneval", metric=metric, value=v, role="diversity"))
+    m = pd.concat([make_metrics(), pd.DataFrame(rows)], ignore_index=True)
+    files, data = F.diversity(m, tmp_path, return_data=True)
+    _files_ok(files, tmp_path)
+    assert set(data) == {("lf_humaneval", "distinct"), ("lf_humaneval", "mean_pairwise_similarity")}
+    d = data[("lf_humaneval", "distinct")]
+    assert d["base"] == [(0.0, 3.0)] and d["full"] == [(0.0, 3.0), (1.0, 2.0)]
+    assert d["lora"] == [(0.0, 3.0), (1.0, 3.0), (2.0, 2.0)]
+    assert F.diversity(make_metrics(), tmp_path / "none") == []
+
+
+def test_spectrum_and_module_figures(tmp_path):
+    import numpy as np
+
+    from learnforget.spectral import save_spectra
+
+    s = make_spectral(n_layers=3)
+    s["name"] = [f"model.layers.{l}.self_attn.{m}.weight" if "proj" in m and m[0] in "qkvo"
+                 else f"model.layers.{l}.mlp.{m}.weight" for l, m in zip(s["layer"], s["module"])]
+    spectra = {}
+    for (run, d), rows in s.groupby(["run", "duration"]):
+        arrays = {}
+        for name in rows["name"]:
+            for kind in ("base", "finetuned", "delta", "gaussian"):
+                arrays[f"{name}/{kind}"] = np.linspace(2.0, 0.1, 32) * (0.01 if kind == "delta" else 1)
+        path = tmp_path / "spectra" / run / f"{d}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_spectra(path, arrays)
+        spectra[(run, float(d))] = path
+    groups = F.run_groups(make_metrics())
+    files, data = F.spectrum(s, spectra, tmp_path / "figs", module="q_proj", groups=groups, return_data=True)
+    _files_ok(files, tmp_path / "figs")
+    panel = data["math (ift)"]
+    assert panel["matrix"] == "model.layers.1.self_attn.q_proj.weight"  # the middle layer
+    kinds = panel["kinds"]
+    assert sum(k == "delta" for k in kinds.values()) == len(DURS) + 1  # full at every duration + LoRA's last
+    assert list(kinds.values()).count("base") == 1 and "gaussian" in kinds.values()
+    assert F.spectrum(s, spectra, tmp_path / "none", layer=9) == []
+
+    files, mods = F.spectral_modules(s, tmp_path / "mods", groups=groups, return_data=True)
+    _files_ok(files, tmp_path / "mods")
+    assert list(mods) == list(MODS)  # in the layer's order: attention, then MLP
+    q = mods["q_proj"]
+    assert q["ref"]["LoRA r"] == 8.0
+    assert q["lines"]["math (ift): math-lora-r8 @ 8 (r=8)"] == [(0, 3.0), (1, 4.0), (2, 5.0)]
+    assert len([k for k in q["lines"] if k.startswith("math (ift): math-full @")]) == len(DURS)
+
+
+def test_report_names_every_run_of_the_config(tmp_path):
+    m = make_seeded()
+    runs = [{"name": r, "series": s, "method": "x", "domain": "math", "regime": "ift", "seed": 1}
+            for r, s in m[["run", "series"]].drop_duplicates().itertuples(index=False) if r != "base"]
+    text = R.write_report(m, None, {}, tmp_path / "report.md", config={"runs": runs, "finetune": {"lr": 1e-3},
+                                                                       "durations": {"values": [1, 2], "unit": "epochs"}},
+                          provenance={}, learning=LEARNING, forgetting=FORGETTING)
+    for r in runs:
+        assert f"| {r['name']} |" in text
+    assert "mean ± the 95% confidence interval" in text
+    assert "0.410 ± " in text  # math-full at duration 2: mean of 0.40, 0.41, 0.42

@@ -183,3 +183,40 @@ def test_full_finetune_perturbed_copy(base_dir, tmp_path):
 def test_resolve_checkpoint_rejects_non_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError):
         S.resolve_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["dora", "adalora"])
+def test_dora_and_adalora_deltas_are_peft_merges(base_dir, tmp_path, variant):
+    """DoRA's update is not B @ A (the magnitude rescales W + BA) and AdaLoRA's is P diag(λ) Q:
+    both come from peft itself, so W + dW equals peft's merged weight; AdaLoRA's rank stays
+    within its r."""
+    from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    r = 4
+    torch.manual_seed(2)
+    if variant == "dora":
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "up_proj"], use_dora=True,
+                         init_lora_weights=False)
+    else:
+        cfg = AdaLoraConfig(init_r=r, target_r=2, lora_alpha=2 * r, target_modules=["q_proj", "up_proj"],
+                            total_step=10, init_lora_weights=False)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # AdaLoRA starts with E = 0; make every update non-zero
+                p.add_(0.05 * torch.randn_like(p))
+    ckpt = tmp_path / "model"
+    model.save_pretrained(ckpt)
+    df, spectra = S.analyze(base_dir, ckpt, return_spectra=True)
+    assert set(df["module"]) == {"q_proj", "up_proj"} and len(df) == 4
+    merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), ckpt).merge_and_unload()
+    msd = merged.state_dict()
+    for dw in S.delta_weights(base_dir, ckpt):
+        assert torch.allclose(dw.W_base + dw.dW, msd[dw.name], atol=1e-5), dw.name
+        assert dw.dW.abs().max() > 0
+    tails = [spectra[f"{n}/delta"][r] / spectra[f"{n}/delta"][0] for n in df["name"]]
+    if variant == "adalora":
+        assert (df["rank90"] <= r).all() and max(tails) < 1e-4  # rank at most init_r
+    else:  # the magnitude vector rescales W + BA: DoRA's dW is not rank r
+        assert min(tails) > 1e-4

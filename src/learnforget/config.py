@@ -117,6 +117,7 @@ class Run:
     unit: str
     dataset: str
     labels: tuple[str, ...] = field(default=())
+    series: str = ""  # replicates (seeds) of one setting share it; default: the run's name
 
     def duration_value(self, label: str) -> float:
         return self.durations[self.labels.index(label)]
@@ -191,7 +192,8 @@ class Run:
     def meta(self) -> dict:
         return {"run": self.name, "method": self.method_name, "method_type": self.method["type"],
                 "domain": self.domain, "regime": self.regime, "seed": self.seed,
-                "rank": self.method.get("rank")}
+                "rank": self.method.get("rank"), "series": self.series or self.name,
+                "lr": self.train_config.lr}
 
 
 def _check_component(path: str, fn, *args):
@@ -216,9 +218,43 @@ def expand_runs(cfg: dict) -> list[Run]:
                 method=dict(cfg["methods"].get(r["method"], {})), train=train, seed=r["seed"],
                 durations=tuple(float(d) for d in durations), unit=unit,
                 dataset=f"{r['domain']}_{r['regime']}", labels=labels, packing=bool(r.get("packing", False)),
+                series=r.get("series") or r["name"],
             )
         )
     return runs
+
+
+def format_lr(lr: float) -> str:
+    """A learning rate as it appears in run names: 0.0001 -> ``0.0001``, 2e-05 -> ``2e-05``."""
+    return f"{lr:g}"
+
+
+def expand_grid(runs: list[dict]) -> list[dict]:
+    """Runs with ``seeds`` and ``sweep`` lists -> one concrete run per (learning rate, seed).
+
+    ``{name: math-lora, seeds: [1, 2], sweep: {lr: [1e-4, 2e-4]}}`` gives ``math-lora-lr0.0001-s1``,
+    ``math-lora-lr0.0001-s2``, ``math-lora-lr0.0002-s1``, ``math-lora-lr0.0002-s2``. The seeds of
+    one learning rate share a ``series`` (``math-lora-lr0.0001``): figures and tables show their
+    mean and confidence interval. Runs without the lists are returned unchanged.
+    """
+    out = []
+    for r in runs:
+        if "seeds" not in r and "sweep" not in r:
+            out.append(dict(r))
+            continue
+        seeds = r.get("seeds") or [r.get("seed", 0)]
+        lrs = (r.get("sweep") or {}).get("lr") or [None]
+        for lr in lrs:
+            series = r["name"] if lr is None else f"{r['name']}-lr{format_lr(lr)}"
+            for seed in seeds:
+                new = {k: v for k, v in r.items() if k not in ("seeds", "sweep")}
+                new["name"] = series + (f"-s{seed}" if "seeds" in r else "")
+                new["seed"] = seed
+                new["series"] = r.get("series") or series
+                if lr is not None:
+                    new["train"] = {**r.get("train", {}), "lr": lr}
+                out.append(new)
+    return out
 
 
 def check(cfg: dict) -> None:
@@ -243,6 +279,14 @@ def check(cfg: dict) -> None:
     if not any(w > 0 for w in cfg["base"]["mix"].values()):
         raise ConfigError("base.mix", "at least one dataset needs a positive weight")
 
+    layer = cfg["analysis"]["spectrum"]["layer"]
+    if layer is not None and layer >= arch["num_hidden_layers"]:
+        raise ConfigError("analysis.spectrum.layer",
+                          f"layer {layer} does not exist: the model has {arch['num_hidden_layers']} layers")
+    modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    if cfg["analysis"]["spectrum"]["module"] not in modules:
+        raise ConfigError("analysis.spectrum.module",
+                          f"unknown module {cfg['analysis']['spectrum']['module']!r}; one of {', '.join(modules)}")
     hidden = arch["hidden_size"]
     for name, m in cfg["methods"].items():
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
@@ -258,14 +302,20 @@ def check(cfg: dict) -> None:
         where = f"runs[{i}]"
         if r["name"] == "base":
             raise ConfigError(f"{where}.name", "'base' is reserved for the base model")
-        if r["name"] in seen:
-            raise ConfigError(f"{where}.name", f"duplicate run name {r['name']!r} (also runs[{seen[r['name']]}])")
-        seen[r["name"]] = i
+        for name in (e["name"] for e in expand_grid([r])):
+            if name in seen:
+                other = f"runs[{seen[name]}]" if seen[name] != i else "another seed or learning rate of this run"
+                raise ConfigError(f"{where}.name", f"duplicate run name {name!r} (also {other})")
+            seen[name] = i
+        if r.get("series") and r["series"] in seen and seen[r["series"]] != i and r["series"] != r["name"]:
+            raise ConfigError(f"{where}.series", f"series {r['series']!r} is also the name of runs[{seen[r['series']]}]")
         if r["method"] not in cfg["methods"]:
             raise ConfigError(f"{where}.method", f"unknown method {r['method']!r}; defined: {sorted(cfg['methods'])}")
         if r["domain"] == "math" and r["regime"] not in ("ift", "cpt"):
             raise ConfigError(f"{where}.regime", f"unsupported regime {r['regime']!r}")
         tc = _check_component(f"{where}.train", TrainConfig.from_dict, {**cfg["finetune"], **r.get("train", {})})
+        for lr in (r.get("sweep") or {}).get("lr", []):
+            _check_component(f"{where}.sweep.lr", TrainConfig.from_dict, {**cfg["finetune"], **r.get("train", {}), "lr": lr})
         if r.get("packing") and r["regime"] != "ift":
             raise ConfigError(f"{where}.packing", "packing applies to ift runs (cpt text is always packed)")
         if tc.seq_len > context:
@@ -293,9 +343,11 @@ def check(cfg: dict) -> None:
 
 
 def validate(cfg: dict) -> dict:
-    """Schema, defaults and cross-field checks; returns the filled config."""
+    """Schema, defaults and cross-field checks; returns the filled config with every run
+    concrete (``seeds`` and ``sweep`` expanded by :func:`expand_grid`)."""
     cfg = validate_schema(cfg)
     check(cfg)
+    cfg["runs"] = expand_grid(cfg["runs"])
     return cfg
 
 
@@ -308,6 +360,33 @@ def load(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
     return validate(raw or {})
+
+
+#: Every figure of the report, in report order (name -> what it needs from the config).
+FIGURES = ("tradeoff", "learning", "forgetting", "sensitivity", "diversity", "spectral_ranks",
+           "spectral_modules", "spectrum")
+
+
+def has_lr_sweep(runs: list[Run]) -> bool:
+    """Whether some (domain, regime, method) is trained at two or more learning rates."""
+    lrs: dict[tuple, set] = {}
+    for r in runs:
+        lrs.setdefault((r.domain, r.regime, r.method_name), set()).add(r.train_config.lr)
+    return any(len(v) > 1 for v in lrs.values())
+
+
+def figure_names(cfg: dict) -> list[str]:
+    """The figures a validated config provides data for (a figure is drawn only then): the
+    sensitivity figure needs a learning-rate sweep, the diversity figure sampled tasks on a
+    finetuned run; the rest every study has."""
+    from learnforget.evaluation import plan
+
+    runs = expand_runs(cfg)
+    sampled = any(item["sampling"] for r in runs for item in plan(cfg["evaluation"], r.domain))
+    skip = {"sensitivity"} if not has_lr_sweep(runs) else set()
+    if not sampled:
+        skip.add("diversity")
+    return [f for f in FIGURES if f not in skip]
 
 
 def token_datasets(cfg: dict) -> list[str]:

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .figures import (
+    _methods,
     _panel_title,
     higher_is_better,
     infer_primary,
@@ -27,6 +28,7 @@ from .figures import (
     metric_table,
     resolve_learning,
     run_settings,
+    sensitivity_data,
     spec_label,
 )
 from .io import write_text
@@ -348,10 +350,41 @@ def _setting_findings(metrics, key, runs, methods, lspec, fspec, tol) -> list[st
     return out
 
 
+def _seed_counts(metrics) -> dict[str, int]:
+    """series -> number of runs (seeds) in it."""
+    if metrics is None or "series" not in metrics.columns:
+        return {}
+    df = metrics.dropna(subset=["series"])
+    return {str(k): int(v) for k, v in df.groupby("series")["run"].nunique().items()}
+
+
+def _sensitivity_findings(metrics, panel, lspec, fspec) -> list[str]:
+    """The learning rate that learned most per method, and how much learning moved across the sweep."""
+    if not panel or not lspec:
+        return []
+    hib = higher_is_better(metrics, lspec)
+    out = [f"- **Learning-rate sensitivity** ({spec_label(lspec)} at the longest duration):"]
+    for method, pts in sorted(panel.items()):
+        best = (max if hib else min)(pts, key=lambda p: p[1])
+        worst = (min if hib else max)(pts, key=lambda p: p[1])
+        text = (f"  - {method}: best at lr {best[0]:g} ({_fmt(best[1])}), worst at lr {worst[0]:g} "
+                f"({_fmt(worst[1])}); spread {_fmt(abs(best[1] - worst[1]))} over {len(pts)} learning rates")
+        if fspec and np.isfinite(best[2]):
+            text += f"; forgetting score at the best lr {_fmt(best[2])}"
+        out.append(text + ".")
+    spreads = {m: abs(max(p[1] for p in pts) - min(p[1] for p in pts)) for m, pts in panel.items()}
+    if len(spreads) > 1:
+        most = max(spreads, key=spreads.get)
+        out.append(f"  - Most sensitive to the learning rate: {most} (spread {_fmt(spreads[most])}).")
+    return out
+
+
 def _rank_findings(spectral: pd.DataFrame, runs: Sequence[str]) -> list[str]:
     if spectral is None or len(spectral) == 0:
         return []
     spectral = spectral.reset_index(drop=True)
+    if "series" in spectral.columns:  # seeds of a setting: one series
+        spectral = spectral.assign(run=spectral["series"].fillna(spectral["run"]))
     df = spectral[spectral["run"].astype(str).isin(runs)].copy()
     if df.empty:
         return []
@@ -423,13 +456,20 @@ def findings(metrics: pd.DataFrame, spectral: pd.DataFrame | None = None, *, lea
         return ["No metrics were available."]
     learning, forgetting = _complete_specs(metrics, learning, forgetting)
     settings = run_settings(metrics)
-    methods = {str(r): str(m) for r, m in metrics.drop_duplicates("run")[["run", "method"]].itertuples(index=False)}
+    methods = _methods(metrics)
+    sens = sensitivity_data(metrics, learning=learning, forgetting=forgetting)
     out: list[str] = []
+    seeds = _seed_counts(metrics)
+    if seeds and max(seeds.values()) > 1:
+        counts = sorted(set(seeds.values()))
+        out += [f"*Series with several seeds ({', '.join(str(c) for c in counts)} seeds) are compared by their "
+                "means; tables give the mean ± the 95% confidence interval (t distribution).*", ""]
     for key in sorted(set(settings.values())):
         runs = sorted(r for r, k in settings.items() if k == key)
         out.append(f"### {_panel_title(key)}")
         out.append("")
         out.extend(_setting_findings(metrics, key, runs, methods, resolve_learning(learning, *key), forgetting, tol))
+        out.extend(_sensitivity_findings(metrics, sens.get(key), resolve_learning(learning, *key), forgetting))
         ranks = _rank_findings(spectral, runs)
         if ranks:
             frac = None
@@ -453,11 +493,14 @@ def _value_tables(metrics, learning, forgetting) -> list[str]:
         for kind, spec in (("Learning", resolve_learning(learning, *key)), ("Forgetting", forgetting)):
             if not spec:
                 continue
-            tab = metric_table(metrics, spec)
+            tab = metric_table(metrics, spec, errors=True)
             tab = tab[tab["run"].isin(runs) | np.array([is_base(r, m) for r, m in zip(tab["run"], tab["method"])], dtype=bool)]
             if tab.empty:
                 continue
-            wide = tab.pivot_table(index="run", columns="duration", values="value", aggfunc="mean")
+            if (tab["n"] > 1).any():  # mean ± 95% interval over seeds
+                tab = tab.assign(value=[_fmt(v) if n < 2 else f"{_fmt(v)} ± {_fmt(c)}"
+                                        for v, c, n in zip(tab["value"], tab["ci"], tab["n"])])
+            wide = tab.pivot_table(index="run", columns="duration", values="value", aggfunc="first")
             order = [r for r in wide.index if is_base(r)] + [r for r in runs if r in wide.index]
             wide = wide.loc[order]
             wide.columns = [f"d={_fmt_dur(c)}" for c in wide.columns]
@@ -468,6 +511,24 @@ def _value_tables(metrics, learning, forgetting) -> list[str]:
             out.append(markdown_table(wide, index=True))
             out.append("")
     return out
+
+
+def _runs_table(config) -> list[str]:
+    """Every run of the config: its series, method, setting, seed, learning rate and durations."""
+    runs = (config or {}).get("runs") if isinstance(config, Mapping) else None
+    if not runs:
+        return []
+    finetune = config.get("finetune") or {}
+    durations = config.get("durations") or {}
+    rows = []
+    for r in runs:
+        lr = (r.get("train") or {}).get("lr", finetune.get("lr"))
+        durs = r.get("durations", durations.get("values", []))
+        rows.append({"run": r["name"], "series": r.get("series") or r["name"], "method": r.get("method", ""),
+                     "domain": r.get("domain", ""), "regime": r.get("regime", ""), "seed": r.get("seed", ""),
+                     "lr": "" if lr is None else f"{lr:g}",
+                     "durations": ", ".join(_fmt_dur(d) for d in durs) + f" {r.get('unit', durations.get('unit', ''))}"})
+    return ["## Runs", "", markdown_table(pd.DataFrame(rows), index=False), ""]
 
 
 def _diversity_table(metrics) -> list[str]:
@@ -605,6 +666,7 @@ def write_report(metrics: pd.DataFrame, spectral: pd.DataFrame | None, figures: 
 
     lines += ["## Findings", ""]
     lines += findings(metrics, spectral, learning=learning, forgetting=forgetting, tol=tol)
+    lines += _runs_table(config)
 
     fig_lines = []
     for name, png in (figures or {}).items():

@@ -20,6 +20,9 @@ Rows and their ``role``:
 
 ``domain``: a learning group's row has the group's domain; every other row of a finetuned run
 has the run's domain; the base model's rows have ``""``, except forgetting rows (``source``).
+
+``series``, ``seed``, ``lr``: runs that are replicates of one setting (``runs[].seeds``) share a
+series; figures and tables aggregate over the seeds of a series (mean, 95% interval).
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ COLUMNS = [
     "role",
     "higher_is_better",
     "task_version",
+    "series",
+    "seed",
+    "lr",
 ]
 #: Roles of rows (see the module docstring).
 ROW_ROLES = ("task", "diversity", "learning", "forgetting", "other")
@@ -88,7 +94,8 @@ def tidy_rows(eval_json: dict) -> list[dict]:
     def row(task, metric, value, role, hib, version=None):
         return {"run": meta["run"], "method": meta["method"], "domain": domain, "regime": meta.get("regime") or "",
                 "duration": duration, "task": task, "metric": metric, "value": value, "role": role,
-                "higher_is_better": hib, "task_version": version}
+                "higher_is_better": hib, "task_version": version, "series": meta.get("series") or meta["run"],
+                "seed": meta.get("seed"), "lr": meta.get("lr")}
 
     rows = []
     for task in sorted(eval_json.get("results") or {}):
@@ -148,7 +155,8 @@ def group_rows(df, groups: Mapping[str, Mapping | GroupSpec]) -> list[dict]:
             rows.append({"run": run, "method": first["method"], "domain": domain, "regime": first["regime"],
                          "duration": duration, "task": name, "metric": names.pop() if len(names) == 1 else "score",
                          "value": sum(f[0] for f in found) / len(found), "role": g.role,
-                         "higher_is_better": hibs.pop() if len(hibs) == 1 else None, "task_version": None})
+                         "higher_is_better": hibs.pop() if len(hibs) == 1 else None, "task_version": None,
+                         "series": first["series"], "seed": first["seed"], "lr": first["lr"]})
     return rows
 
 

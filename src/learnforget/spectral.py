@@ -37,6 +37,7 @@ __all__ = [
     "load_spectra",
     "parse_param_name",
     "rank_for_variance",
+    "resolve_device",
     "resolve_checkpoint",
     "save_spectra",
 ]
@@ -295,7 +296,21 @@ def _iter_deltas(base_dir, checkpoint_dir, include_other: bool):
 # --------------------------------------------------------------------------- analysis
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without one is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"analysis.device is {device!r} but torch sees no GPU (use auto or cpu)")
+    return device
+
+
 def _svdvals(M: torch.Tensor, device) -> torch.Tensor:
+    """Singular values (float32, descending) of one matrix. A wide matrix is transposed first:
+    same values, and LAPACK's path for tall matrices is several times faster on CPU (a
+    4096x11008 down_proj: bench/spectral.py)."""
+    if M.ndim == 2 and M.shape[0] < M.shape[1]:
+        M = M.T
     return torch.linalg.svdvals(M.to(device=device, dtype=torch.float32)).cpu()
 
 

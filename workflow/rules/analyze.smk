@@ -1,11 +1,13 @@
-# Singular values of each weight change dW = W_finetuned - W_base (LoRA: peft's B@A*scale).
+# Singular values of each weight change dW = W_finetuned - W_base (LoRA: peft's B@A*scale):
+# per-matrix ranks (.csv) and the full spectra of W, W + dW, dW and a Gaussian (.npz).
 
 
 rule analyze:
     input:
         unpack(checkpoint_input),
     output:
-        f"{R}/spectral/{{run}}/{{duration}}.csv",
+        table=f"{R}/spectral/{{run}}/{{duration}}.csv",
+        spectra=f"{R}/spectral/{{run}}/{{duration}}.npz",
     log:
         f"{R}/logs/analyze/{{run}}/{{duration}}.log",
     benchmark:

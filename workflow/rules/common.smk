@@ -157,6 +157,8 @@ def run_meta(wildcards):
             "regime": "",
             "seed": config["seed"],
             "rank": None,
+            "series": "base",
+            "lr": None,
             "duration": 0.0,
             "unit": "",
         }
@@ -201,7 +203,10 @@ def scored(run, duration):
 
 
 def analysis_params(wildcards):
-    return lfconfig.as_hashable(config["analysis"])
+    # the device changes how, not what, is computed; the chosen matrix only the figure
+    return lfconfig.as_hashable(
+        {k: v for k, v in config["analysis"].items() if k not in ("device", "spectrum")}
+    )
 
 
 def all_evaluations(wildcards=None):
@@ -226,6 +231,10 @@ def all_spectral(wildcards=None):
     return [f"{R}/spectral/{r}/{d}.csv" for r, d in finetuned()]
 
 
+def all_spectra(wildcards=None):
+    return [f"{R}/spectral/{r}/{d}.npz" for r, d in finetuned()]
+
+
 def report_params(wildcards):
     return lfconfig.as_hashable(
         {
@@ -236,3 +245,19 @@ def report_params(wildcards):
             "config": config,
         }
     )
+
+
+# Figures of the report: only those the config provides data for (learnforget.config).
+FIGURES = lfconfig.figure_names(config)
+
+
+def figure_outputs():
+    return {
+        name: report(
+            f"{R}/figures/{name}.png",
+            caption=f"../report/{name}.rst",
+            category="Figures",
+            labels={"figure": name},
+        )
+        for name in FIGURES
+    }

@@ -1,14 +1,16 @@
-# Tidy tables, the paper's figures and report.md, all generated from the results.
-
-FIGURES = ["tradeoff", "learning", "forgetting", "spectral_ranks"]
+# Tidy tables, the paper's figures and report.md, all generated from the results. Which
+# figures exist follows from the config (learnforget.config.figure_names): a figure is drawn
+# only when the study provides its data, and a drawn figure is never empty.
 
 
 rule report:
     input:
         evals=all_evaluations,
         spectral=all_spectral,
+        spectra=all_spectra,
         training=all_training_jobs,
     output:
+        **figure_outputs(),
         metrics=report(
             f"{R}/metrics.csv",
             caption="../report/metrics.rst",
@@ -18,26 +20,6 @@ rule report:
             f"{R}/spectral.csv",
             caption="../report/spectral.rst",
             category="Tables",
-        ),
-        tradeoff=report(
-            f"{R}/figures/tradeoff.png",
-            caption="../report/tradeoff.rst",
-            category="Figures",
-        ),
-        learning=report(
-            f"{R}/figures/learning.png",
-            caption="../report/learning.rst",
-            category="Figures",
-        ),
-        forgetting=report(
-            f"{R}/figures/forgetting.png",
-            caption="../report/forgetting.rst",
-            category="Figures",
-        ),
-        spectral_ranks=report(
-            f"{R}/figures/spectral_ranks.png",
-            caption="../report/spectral_ranks.rst",
-            category="Figures",
         ),
         training=report(
             f"{R}/training.csv",
@@ -51,5 +33,6 @@ rule report:
         ENV
     params:
         spec=report_params,
+        figures=FIGURES,
     script:
         "../scripts/report.py"

@@ -2,6 +2,8 @@
 
 import torch
 
+from learnforget.spectral import resolve_device
+
 from learnforget.integrity import verify_managed
 from learnforget.io import atomic_path
 from learnforget.logs import setup
@@ -18,10 +20,11 @@ table = analyze(
     snakemake.input.checkpoint,
     fraction=settings["fraction"],
     lora_rank=meta.get("rank"),
-    device=settings["device"],
+    device=resolve_device(snakemake.config["analysis"]["device"]),
+    spectra_path=snakemake.output.spectra,
 )
 for key in ("run", "method", "method_type", "domain", "regime", "duration"):
     table.insert(0, key, meta[key])
-with atomic_path(snakemake.output[0]) as tmp:
+with atomic_path(snakemake.output.table) as tmp:
     table.to_csv(tmp, index=False)
 log.info("%s@%s: %d matrices, max rank90 %d", meta["run"], meta["duration"], len(table), table["rank90"].max())

@@ -16,23 +16,38 @@ learning = {domain: tuple(v) for domain, v in spec["learning"].items()}
 forgetting = tuple(spec["forgetting"])
 
 metrics = results.collect(snakemake.input.evals, groups=spec["groups"])
+series = {name: m["series"] for name, m in spec["runs"].items()}
 spectral = pd.concat([pd.read_csv(p) for p in snakemake.input.spectral], ignore_index=True)
 spectral = spectral.sort_values(["run", "duration", "layer", "module"], kind="stable").reset_index(drop=True)
+spectral.insert(1, "series", spectral["run"].map(series))
 training = results.training_table(Path(d) / "manifest.json" for d in snakemake.input.training)
 for path, table in ((out.metrics, metrics), (out.spectral, spectral), (out.training, training)):
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
 
-fig_dir = Path(out.tradeoff).parent
-drawn = {
-    "tradeoff": figures.tradeoff(metrics, fig_dir, learning=learning, forgetting=forgetting, name="tradeoff"),
-    "learning": figures.learning_curves(metrics, fig_dir, learning=learning, name="learning"),
-    "forgetting": figures.forgetting_curves(metrics, fig_dir, forgetting=forgetting, name="forgetting"),
-    "spectral_ranks": figures.spectral_ranks(spectral, fig_dir, name="spectral_ranks"),
+fig_dir = Path(out.report).parent / "figures"
+groups = figures.run_groups(metrics)
+run_groups = {**groups, **{run: groups[s] for run, s in series.items() if s in groups}}  # runs and series
+spectra = {(Path(p).parent.name, float(Path(p).stem)): p for p in snakemake.input.spectra}
+choice = spec["config"]["analysis"]["spectrum"]
+draw = {
+    "tradeoff": lambda: figures.tradeoff(metrics, fig_dir, learning=learning, forgetting=forgetting, name="tradeoff"),
+    "learning": lambda: figures.learning_curves(metrics, fig_dir, learning=learning, name="learning"),
+    "forgetting": lambda: figures.forgetting_curves(metrics, fig_dir, forgetting=forgetting, name="forgetting"),
+    "sensitivity": lambda: figures.sensitivity(metrics, fig_dir, learning=learning, forgetting=forgetting),
+    "diversity": lambda: figures.diversity(metrics, fig_dir),
+    "spectral_ranks": lambda: figures.spectral_ranks(spectral, fig_dir, groups=run_groups, series=series),
+    "spectral_modules": lambda: figures.spectral_modules(spectral, fig_dir, groups=run_groups, series=series),
+    "spectrum": lambda: figures.spectrum(spectral, spectra, fig_dir, layer=choice["layer"], module=choice["module"],
+                                         groups=run_groups, series=series),
 }
+drawn = {}
+for name in snakemake.params.figures:
+    log.info("figure %s", name)
+    drawn[name] = draw[name]()
 missing = [name for name, files in drawn.items() if not files]
 if missing:
-    raise SystemExit(f"report: no data for figure(s) {', '.join(missing)}: check evaluation.groups")
+    raise SystemExit(f"report: no data for figure(s) {', '.join(missing)}: check evaluation.groups and analysis")
 pngs = {name: next(f for f in files if str(f).endswith(".png")) for name, files in drawn.items()}
 
 results_dir = Path(out.report).parent
