@@ -196,3 +196,24 @@ def test_figure_names_follow_the_config():
     raw = copy.deepcopy(TINY)
     raw["evaluation"]["groups"].pop("samples")
     assert "diversity" not in lfconfig.figure_names(lfconfig.validate(raw))
+
+
+def test_cli_plan_lists_every_run_and_names_what_does_not_fit(capsys, tmp_path):
+    from learnforget.cli import main
+
+    assert main(["plan", str(REPO / "tests" / "tiny.yaml"), "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    for run in ("math-full", "math-lora", "code-lora"):
+        assert f"  {run}: 1 GPU(s)" in out
+    assert "trained" in out
+    # a 7B-shaped model with full finetuning in fp32 does not fit one 24 GiB GPU without sharding
+    raw = copy.deepcopy(TINY)
+    raw["model"] = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096}
+    raw["tokenizer"] = {"vocab_size": 32000}
+    raw["methods"]["lora"]["rank"] = 16
+    big = tmp_path / "big.yaml"
+    big.write_text(yaml.safe_dump(raw))
+    assert main(["plan", str(big), "--gpu-memory", "24", "--max-gpus", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "math-full: does not fit" in out

@@ -1,4 +1,5 @@
 """Command line: ``learnforget validate CONFIG`` checks a study config without running it;
+``learnforget plan CONFIG`` estimates each finetuning job's memory and GPUs;
 ``learnforget humaneval-score SAMPLES.jsonl`` scores HumanEval samples in the sandbox."""
 
 from __future__ import annotations
@@ -42,6 +43,31 @@ def _validate(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from learnforget.planner import gpu_plan_for_job
+
+    try:
+        cfg = lfconfig.load(args.config)
+    except lfconfig.ConfigError as exc:
+        print(f"learn-forget: {exc}", file=sys.stderr)
+        return 2
+    gb = args.gpu_memory
+    print(f"{args.config}: memory plan per finetuning job "
+          f"({'GPUs of ' + format(gb, 'g') + ' GiB' if gb else 'CPU'}; FSDP {'on' if args.fsdp else 'off'})")
+    status = 0
+    for r in lfconfig.expand_runs(cfg):
+        try:
+            job = gpu_plan_for_job(cfg["model"], r.method, r.train, gb, vocab_size=cfg["tokenizer"]["vocab_size"],
+                                   max_gpus=args.max_gpus, fsdp=args.fsdp, name=r.name,
+                                   cpu_processes=cfg["resources"]["cpu_processes"])
+        except ValueError as exc:
+            print(f"  {r.name}: does not fit: {exc}")
+            status = 1
+            continue
+        print(f"  {r.name}: {job['gpus']} GPU(s), host {job['mem_mb']} MiB; {job['summary']}")
+    return status
+
+
 def _config_reference(args) -> int:
     from learnforget.reference import markdown
 
@@ -72,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("config")
     v.add_argument("--show", action="store_true", help="print the config with defaults filled in")
     v.set_defaults(func=_validate)
+    p = sub.add_parser("plan", help="estimate memory per finetuning job and the GPUs it needs")
+    p.add_argument("config")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                   help="memory of one GPU in GiB (0: plan CPU jobs)")
+    p.add_argument("--max-gpus", type=int, default=8)
+    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimiser states (FSDP)")
+    p.set_defaults(func=_plan)
     r = sub.add_parser("config-reference", help="print the config reference (markdown) that the README embeds")
     r.set_defaults(func=_config_reference)
     h = sub.add_parser("humaneval-score", help="score HumanEval samples (JSONL of task_id, completion) "
