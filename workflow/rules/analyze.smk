@@ -15,6 +15,10 @@ rule analyze:
     conda:
         ENV
     threads: config["threads"]["analyze"]
+    resources:
+        gpu=analyze_gpus,
+        mem_mb=analyze_mem_mb,
+        runtime=analyze_runtime,
     params:
         settings=analysis_params,
         meta=run_meta,

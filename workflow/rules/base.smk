@@ -16,6 +16,8 @@ rule base:
     threads: config["threads"]["base"]
     resources:
         gpu=0,
+        mem_mb=base_mem_mb,
+        runtime=base_runtime,
     params:
         spec=base_params,
     script:

@@ -129,7 +129,8 @@ def trunk_params(wildcards):
 
 
 def train_gpus(wildcards):
-    return config["resources"]["gpu"]
+    """GPUs of a finetuning job: resources.gpu, or the memory planner's count (gpu: auto)."""
+    return TRAIN_PLANS[wildcards.run]["gpus"]
 
 
 def checkpoint_input(wildcards):
@@ -261,3 +262,74 @@ def figure_outputs():
         )
         for name in FIGURES
     }
+
+
+# Cluster resources of the jobs (learnforget.resources): GPUs, host memory (MiB) and runtime
+# (minutes) derived from the model, the method and the durations. Resources are not params:
+# changing them retrains nothing. With GPUs, each run's memory plan is printed once (so a dry
+# run shows it); a job that fits on no GPU count (gpu: auto) stops the workflow here.
+from learnforget import resources as lfresources
+
+try:
+    TRAIN_PLANS = lfresources.train_plans(config, RUNS.values())
+except ValueError as exc:
+    _error = lfconfig.ConfigError("resources.gpu", " ".join(str(exc).split()))
+    sys.exit(f"learn-forget: {_error}")
+if workflow.is_main_process and lfresources.wants_gpus(config):
+    for _line in lfresources.plan_lines(config, RUNS.values(), TRAIN_PLANS, R):
+        print(_line, file=sys.stderr)
+
+
+def train_mem_mb(wildcards):
+    return TRAIN_PLANS[wildcards.run]["mem_mb"]
+
+
+def train_runtime(wildcards, input, attempt, part="final"):
+    """Minutes: exact once the job's token folder exists, estimated from the config before."""
+    return lfresources.train_runtime(
+        config,
+        RUNS[wildcards.run],
+        wildcards.duration,
+        part,
+        gpus=train_gpus(wildcards),
+        token_dir=input.tokens,
+        attempt=attempt,
+    )
+
+
+def trunk_runtime(wildcards, input, attempt):
+    return train_runtime(wildcards, input, attempt, part="trunk")
+
+
+def train_cpus(wildcards, threads):
+    return lfresources.train_cpus(config, train_gpus(wildcards), threads)
+
+
+def base_mem_mb(wildcards):
+    return lfresources.base_mem_mb(config)
+
+
+def base_runtime(wildcards, input, attempt):
+    tokens = [input.tokens] if isinstance(input.tokens, str) else input.tokens
+    return lfresources.base_runtime(config, {Path(d).name: d for d in tokens}, attempt)
+
+
+def evaluate_mem_mb(wildcards):
+    run = None if wildcards.run == "base" else RUNS[wildcards.run]
+    return lfresources.evaluate_mem_mb(config, run)
+
+
+def evaluate_runtime(wildcards, attempt):
+    return config["resources"]["evaluate"]["runtime"] * attempt
+
+
+def analyze_gpus(wildcards):
+    return config["resources"]["analyze"]["gpu"]
+
+
+def analyze_mem_mb(wildcards):
+    return lfresources.analyze_mem_mb(config)
+
+
+def analyze_runtime(wildcards, attempt):
+    return config["resources"]["analyze"]["runtime"] * attempt

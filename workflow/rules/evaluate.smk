@@ -16,6 +16,9 @@ rule evaluate:
     conda:
         ENV
     threads: config["threads"]["evaluate"]
+    resources:
+        mem_mb=evaluate_mem_mb,
+        runtime=evaluate_runtime,
     params:
         settings=eval_params,
         meta=run_meta,

@@ -19,6 +19,9 @@ rule train:
     threads: config["threads"]["train"]
     resources:
         gpu=train_gpus,
+        mem_mb=train_mem_mb,
+        runtime=train_runtime,
+        cpus_per_task=train_cpus,
     params:
         spec=train_params,
         resume=f"{R}/resume/{{run}}/{{duration}}",
@@ -40,6 +43,9 @@ rule train_trunk:
     threads: config["threads"]["train"]
     resources:
         gpu=train_gpus,
+        mem_mb=train_mem_mb,
+        runtime=trunk_runtime,
+        cpus_per_task=train_cpus,
     params:
         spec=trunk_params,
         resume=f"{R}/resume/{{run}}/trunk-{{duration}}",

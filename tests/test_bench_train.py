@@ -1,0 +1,114 @@
+"""Pure helpers of bench/train.py (the benchmark itself takes minutes and is not run here)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _recs(tokens_per_step, seconds_per_step):
+    out, tok, el = [], 0, 0.0
+    for i, (n, s) in enumerate(zip(tokens_per_step, seconds_per_step)):
+        tok, el = tok + n, el + s
+        out.append({"step": i + 1, "tokens": tok, "elapsed": el})
+    return out
+
+
+def test_steady_rate_skips_warmup(bench):
+    recs = _recs([100] * 10, [5.0, 5.0] + [1.0] * 8)  # two slow warm-up steps
+    r = bench.steady_rate(recs, warmup=2)
+    assert (r["steps"], r["tokens"]) == (8, 800)
+    assert r["seconds"] == pytest.approx(8.0)
+    assert r["tokens_per_s"] == pytest.approx(100.0) and r["step_s"] == pytest.approx(1.0)
+    r0 = bench.steady_rate(list(reversed(recs)), warmup=0)  # order does not matter; 0: from the start
+    assert (r0["steps"], r0["tokens"], r0["seconds"]) == (10, 1000, pytest.approx(18.0))
+    with pytest.raises(ValueError):
+        bench.steady_rate(recs[:2], warmup=2)
+    with pytest.raises(ValueError):
+        bench.steady_rate([r for r in recs if r["step"] != 2], warmup=2)
+
+
+def test_step_records_match_the_training_log_form(bench):
+    recs = bench.step_records([11.0, 12.5, 13.0], [10, 20, 30, 40], t0=10.0)
+    assert recs == [{"step": 1, "tokens": 10, "elapsed": 1.0}, {"step": 2, "tokens": 30, "elapsed": 2.5},
+                    {"step": 3, "tokens": 60, "elapsed": 3.0}]
+    with pytest.raises(ValueError):
+        bench.step_records([1.0, 2.0], [5], t0=0.0)
+
+
+def test_lora_flops_formula(bench):
+    # 6N + attention, less 2N (no frozen-weight gradients), plus 6 per adapter weight
+    assert bench.lora_flops_per_token(6 * 1000 + 60, 1000, 10) == 4 * 1000 + 60 + 60
+
+
+def test_matmul_params_is_flops_per_token_n(bench):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from learnforget.modeling import flops_per_token
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    n = bench.matmul_params(model)
+    kv = 1 * (16 // 2)
+    assert n == 2 * (16 * 16 * 2 + 16 * kv * 2 + 3 * 16 * 24) + 64 * 16  # tied head counted once
+    seq = 8
+    assert flops_per_token(cfg, seq) == 6 * n + 6 * 2 * 2 * seq * 16
+
+    class Wrapped(torch.nn.Module):  # adapter modules (peft's lora_A / lora_B) are left out
+        def __init__(self):
+            super().__init__()
+            self.base = model
+            self.lora_A = torch.nn.Linear(16, 4, bias=False)
+
+    assert bench.matmul_params(Wrapped()) == n
+
+
+def test_item_sequence_is_our_batch_order(bench):
+    from learnforget.tokens import Batches, TokenData
+
+    docs = [np.arange(1, 3 + i % 5, dtype=np.int32) for i in range(11)]
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    ids = np.concatenate(docs)
+    td = TokenData(ids, np.ones_like(ids, dtype=np.uint8), offsets, {"regime": "ift", "eos_id": 0})
+    ours = Batches(td, "ift", 4, 8, seed=3)
+    items = bench.item_sequence(Batches(td, "ift", 4, 8, seed=3), 5)  # crosses two epoch boundaries
+    assert len(items) == 20
+    other = Batches(td, "ift", 4, 8, seed=3)
+    for k in range(5):
+        a, b = next(ours), other.make_batch(items[4 * k:4 * k + 4])
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+        assert a.n_tokens == b.n_tokens
+
+
+def test_train_cfg_is_valid_and_plain_adamw(bench):
+    from learnforget.train import TrainConfig
+
+    cfg = TrainConfig.from_dict(bench.train_cfg_dict())
+    assert (cfg.optimizer, cfg.weight_decay, cfg.schedule, cfg.warmup_steps) == ("adamw", 0.0, "constant", 0)
+    assert cfg.threads == bench.THREADS and (cfg.batch_size, cfg.seq_len) == (16, 128)
+
+
+def test_text_helpers(bench):
+    status = "Name:\tpython\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\n"
+    assert bench.proc_status_mib(status, "VmRSS") == 100.0
+    assert bench.proc_status_mib(status, "VmHWM") == 200.0
+    with pytest.raises(KeyError):
+        bench.proc_status_mib(status, "VmSwap")
+    assert bench.cpu_model("processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\n") == "Some CPU @ 2.0GHz"
+    assert bench.fmt_load((0.5, 1.25, 2.0)) == "0.50/1.25/2.00"
+    table = bench.markdown_table([("a", "1", "2", "0.50x")])
+    assert table.splitlines()[0] == "| measurement | ours | baseline | ratio |"
+    assert table.splitlines()[2] == "| a | 1 | 2 | 0.50x |"
