@@ -325,9 +325,10 @@ def run_case(work: Path, arch: dict, trainer: str, regime: str, method: str, ste
         sys.stderr.write(proc.stderr[-4000:])
         raise RuntimeError(f"case {trainer} {regime} {method} failed (exit {proc.returncode})")
     res = json.loads(lines[-1][len("RESULT "):])
+    res["load"] = os.getloadavg()[0]
     log(f"{trainer:4s} {regime} {method:4s}: {res['tokens_per_s']:8,.0f} tokens/s, {res['step_s']:.3f} s/step, "
         f"peak +{res['peak_delta_mib']:.0f} MiB, mean loss {res['mean_loss']:.4f} "
-        f"({time.perf_counter() - t0:.0f} s with start-up; load {os.getloadavg()[0]:.2f})")
+        f"({time.perf_counter() - t0:.0f} s with start-up; load {res['load']:.2f})")
     return res
 
 
@@ -421,6 +422,7 @@ def main() -> None:
     peak0 = peak_flops()
     total = WARMUP + STEPS
     best: dict = {}
+    loads: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         log("building data, tokenizer and token files ...")
@@ -430,6 +432,7 @@ def main() -> None:
             for i, (regime, method) in enumerate(cases):
                 for trainer in (("ours", "hf") if (rep + i) % 2 == 0 else ("hf", "ours")):
                     res = run_case(work, arch, trainer, regime, method, total)
+                    loads.append(res["load"])
                     key = (trainer, regime, method)
                     if key not in best or res["tokens_per_s"] > best[key]["tokens_per_s"]:
                         best[key] = res
@@ -481,7 +484,8 @@ def main() -> None:
 
     machine = (f"{cpu_model()}, {os.cpu_count()} CPUs, {THREADS} torch threads, torch {torch.__version__}, "
                f"Python {platform.python_version()}; load average (1/5/15 min) {fmt_load(load0)} at the start, "
-               f"{fmt_load(load1)} at the end; {date}")
+               f"{fmt_load(load1)} at the end, 1-min load after each training case {min(loads):.2f} to {max(loads):.2f}; "
+               f"{date}")
     import peft
     import transformers
 
