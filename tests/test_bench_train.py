@@ -112,3 +112,11 @@ def test_text_helpers(bench):
     table = bench.markdown_table([("a", "1", "2", "0.50x")])
     assert table.splitlines()[0] == "| measurement | ours | baseline | ratio |"
     assert table.splitlines()[2] == "| a | 1 | 2 | 0.50x |"
+
+
+def test_saved_tensor_bytes_leaves_parameters_out(bench):
+    model = torch.nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    # the weight gradient needs the input (5 x 8 float32); the weight itself is a parameter
+    assert bench.saved_tensor_bytes(model, lambda m: m(x).sum()) == 5 * 8 * 4
+    assert bench.saved_tensor_bytes(model, lambda m: (m(x) * m(x)).sum()) == 5 * 8 * 4 + 2 * 5 * 4 * 4

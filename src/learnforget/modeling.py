@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+# transformers is imported where a model is built or loaded: validating a config (every
+# Snakemake start, `learnforget validate`) needs only validate_arch and stays fast.
 
 # arch keys and their defaults (None: required)
 ARCH_DEFAULTS = {
@@ -45,6 +51,8 @@ def validate_arch(arch: dict) -> dict:
 
 
 def llama_config(arch: dict, tokenizer) -> LlamaConfig:
+    from transformers import LlamaConfig
+
     a = validate_arch(arch)
     ids = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
     if ids["eos"] is None:
@@ -70,6 +78,8 @@ def llama_config(arch: dict, tokenizer) -> LlamaConfig:
 
 def build_model(arch: dict, tokenizer, seed: int = 0) -> LlamaForCausalLM:
     """A freshly initialised float32 Llama; the init depends only on ``seed`` (global RNG untouched)."""
+    from transformers import LlamaForCausalLM
+
     config = llama_config(arch, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -79,6 +89,8 @@ def build_model(arch: dict, tokenizer, seed: int = 0) -> LlamaForCausalLM:
 
 def load_model(path: str | Path) -> LlamaForCausalLM:
     """Load an HF model dir as float32 with SDPA attention."""
+    from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
 
 
