@@ -930,9 +930,14 @@ def spectral_modules(spectral: pd.DataFrame, out_dir, *, groups: Mapping[str, st
     full_labels = [lab for lab in labels if "(r=" not in lab]
     lora_labels = [lab for lab in labels if "(r=" in lab]
     colors = {}
-    blues = plt.get_cmap("Blues")
-    for i, lab in enumerate(full_labels):
-        colors[lab] = blues(0.4 + 0.6 * i / max(len(full_labels) - 1, 1))
+    runs = sorted({lab.rsplit(" @ ", 1)[0] for lab in full_labels})
+    cmaps = ["Blues", "Greens", "Purples", "Greys"]
+    for lab in full_labels:  # one colour family per full-finetuning run, darker = longer
+        run = lab.rsplit(" @ ", 1)[0]
+        same = [x for x in full_labels if x.rsplit(" @ ", 1)[0] == run]
+        same.sort(key=lambda x: float(x.rsplit(" @ ", 1)[1]))
+        t = 0.4 + 0.6 * same.index(lab) / max(len(same) - 1, 1)
+        colors[lab] = plt.get_cmap(cmaps[runs.index(run) % len(cmaps)])(t)
     for i, lab in enumerate(lora_labels):
         colors[lab] = _OTHER_COLORS[i % len(_OTHER_COLORS)]
     with plt.rc_context(STYLE):
