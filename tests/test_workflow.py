@@ -321,3 +321,43 @@ def test_seeds_sweep_report_and_html_report_in_a_browser(tiny_study, tmp_path):
         assert width > 300 and height > 200, (fig, width, height)
         caption_first = (REPO / "workflow" / "report" / f"{fig}.rst").read_text().split()[:4]
         assert " ".join(caption_first) in " ".join(caption.split()), (fig, caption[:500])
+
+
+KILLS = [  # (rule, the output deleted so that one job of the rule reruns)
+    ("train", "results/runs/math-lora/2"),
+    ("evaluate", "results/evals/math-full/1.json"),
+    ("score", "results/evals/code-lora/2.scored.json"),
+    ("analyze", "results/spectral/math-full/2.csv"),
+    ("report", "results/report.md"),
+]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("rule, output", KILLS, ids=[k[0] for k in KILLS])
+def test_killed_job_then_plain_rerun_gives_identical_results(tiny_study, tmp_path, rule, output):
+    """A job SIGKILLed at the worst moment (its output complete under a temporary name, not yet
+    renamed) leaves nothing under the final name; a plain rerun ends with byte-identical tables."""
+    import os
+    import shutil
+
+    from learnforget.io import CRASH_ENV
+
+    work = tmp_path / "copy"
+    shutil.copytree(tiny_study, work, symlinks=True)
+    target = work / output
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    # a missing intermediate alone is not rebuilt while what depends on it is present (as with
+    # temp() files), so the report goes too, as the integrity check's quarantine does
+    (work / "results" / "report.md").unlink(missing_ok=True)
+    env = {**os.environ, CRASH_ENV: f"*{output}"}  # jobs write relative paths
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+                           str(work), "--configfile", str(TINY), "--cores", "2"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert f"Error in rule {rule}" in proc.stdout + proc.stderr
+    assert not target.exists()  # nothing half-written under the final name
+    assert list(target.parent.glob(f".{target.name}.*.tmp"))  # the killed job's staging folder
+    snakemake(work, TINY, "--cores", "2")
+    for table in ("metrics.csv", "spectral.csv"):
+        assert (work / "results" / table).read_bytes() == (tiny_study / "results" / table).read_bytes(), table
+    assert target.exists() and not list(target.parent.glob(f".{target.name}.*.tmp"))  # cleaned up

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -34,6 +36,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # a killed writer cannot clean up: its staging folder is removed by the next write of the
+    # same output (one job owns an output at a time)
+    for stale in final.parent.glob(f".{glob_escape(final.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     target = tmp / (final.name + suffix)
     try:
@@ -41,6 +47,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         if target.is_file():
             with open(target, "rb") as fh:
                 os.fsync(fh.fileno())
+        _crash_point(final)
         if final.is_dir() and not final.is_symlink():
             old = final.with_name(f".{final.name}.old")
             if old.exists():
@@ -55,6 +62,21 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         _fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+#: Interruption tests: a process about to commit an output whose path matches this pattern
+#: (fnmatch) kills itself with SIGKILL first, as a preempted job would at the worst moment.
+CRASH_ENV = "LEARNFORGET_CRASH_BEFORE_COMMIT"
+
+
+def _crash_point(final: Path) -> None:
+    pattern = os.environ.get(CRASH_ENV)
+    if pattern and fnmatch.fnmatch(str(final), pattern):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
