@@ -10,13 +10,20 @@ import sys
 from learnforget import config as lfconfig
 
 
+def _load(path: str) -> dict | None:
+    """The validated config, or None after printing the one-line error."""
+    try:
+        return lfconfig.load(path)
+    except lfconfig.ConfigError as exc:
+        print(f"learn-forget: {exc}", file=sys.stderr)
+        return None
+
+
 def _validate(args) -> int:
     from learnforget.train import MODES
 
-    try:
-        cfg = lfconfig.load(args.config)
-    except lfconfig.ConfigError as exc:
-        print(f"learn-forget: {exc}", file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 2
     runs = lfconfig.expand_runs(cfg)
     print(f"{args.config}: valid; {len(runs)} runs, "
@@ -46,10 +53,8 @@ def _validate(args) -> int:
 def _plan(args) -> int:
     from learnforget.planner import gpu_plan_for_job
 
-    try:
-        cfg = lfconfig.load(args.config)
-    except lfconfig.ConfigError as exc:
-        print(f"learn-forget: {exc}", file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 2
     gb = args.gpu_memory
     print(f"{args.config}: memory plan per finetuning job "

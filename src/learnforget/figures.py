@@ -525,6 +525,23 @@ def _band(ax, pts, color):
     ax.fill_between(xs, lo, hi, color=color, alpha=0.18, lw=0, zorder=1)
 
 
+def _draw_series(ax, panel, styles, methods, hline_base: bool):
+    """One line per series through ``(x, y[, ci, n])`` points with its interval band, and the
+    base model as a star (and a dotted line with ``hline_base``)."""
+    for run, pts in panel.items():
+        if run == "base":
+            continue
+        st = styles[run]
+        _band(ax, pts, st["color"])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=st["color"], marker=st["marker"],
+                label=_label(run, methods.get(run, "")), markeredgecolor="white", markeredgewidth=0.6)
+    if "base" in panel:
+        bx, by, *_ = panel["base"][0]
+        if hline_base:
+            ax.axhline(by, color="#555555", linestyle=":", linewidth=1.0, zorder=1)
+        ax.plot([bx], [by], linestyle="none", label="base model", **BASE_STYLE)
+
+
 def _plot_curves(metrics, data, spec_for, out_dir, name, title, duration_labels, hline_base: bool):
     methods = _methods(metrics)
     styles = _run_styles(metrics, [r for p in data.values() for r in p if r != "base"], methods)
@@ -532,18 +549,7 @@ def _plot_curves(metrics, data, spec_for, out_dir, name, title, duration_labels,
         fig, axes = _subplots(len(data), 5.0, 3.9)
         for ax, (key, panel) in zip(axes, data.items()):
             spec = spec_for(key)
-            for run, pts in panel.items():
-                if run == "base":
-                    continue
-                st = styles[run]
-                _band(ax, pts, st["color"])
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=st["color"], marker=st["marker"],
-                        label=_label(run, methods.get(run, "")), markeredgecolor="white", markeredgewidth=0.6)
-            if "base" in panel:
-                bx, by, *_ = panel["base"][0]
-                if hline_base:
-                    ax.axhline(by, color="#555555", linestyle=":", linewidth=1.0, zorder=1)
-                ax.plot([bx], [by], linestyle="none", label="base model", **BASE_STYLE)
+            _draw_series(ax, panel, styles, methods, hline_base)
             ax.set_title(_panel_title(key))
             ax.set_ylabel(_axis_label(metrics, spec))
             reg = key[1]
@@ -730,17 +736,7 @@ def diversity(metrics: pd.DataFrame, out_dir, *, name: str = "diversity", return
                 if not panel:
                     ax.set_visible(False)
                     continue
-                for run, pts in panel.items():
-                    if run == "base":
-                        continue
-                    st = styles[run]
-                    _band(ax, pts, st["color"])
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=st["color"], marker=st["marker"],
-                            label=_label(run, methods.get(run, "")), markeredgecolor="white", markeredgewidth=0.6)
-                if "base" in panel:
-                    bx, by, *_ = panel["base"][0]
-                    ax.axhline(by, color="#555555", linestyle=":", linewidth=1.0, zorder=1)
-                    ax.plot([bx], [by], linestyle="none", label="base model", **BASE_STYLE)
+                _draw_series(ax, panel, styles, methods, hline_base=True)
                 ax.set_title(task)
                 ax.set_xlabel("training duration")
                 ax.set_ylabel(dict(DIVERSITY_METRICS)[metric])
