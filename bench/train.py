@@ -42,7 +42,7 @@ Progress goes to stderr. Environment: ``BENCH_STEPS`` (timed steps per case, def
 ``BENCH_REPEATS`` (default 2). The whole bench takes about 3-4 minutes on 2 idle cores.
 Timings depend on the machine and its load: with 2 threads on 2 cores, another busy process
 makes every multi-threaded op wait for a time slice (milliseconds each); the output records
-the load average at the start and at the end.
+the load average at the start, after each training case and at the end.
 """
 
 from __future__ import annotations
