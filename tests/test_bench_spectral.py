@@ -1,20 +1,14 @@
 """Pure helpers of bench/spectral.py (the benchmark itself takes minutes and is not run here)."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "spectral.py"
+from workflow_utils import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_spectral", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("spectral")
 
 
 def test_seven_b_seconds_formula(bench):

@@ -1,21 +1,15 @@
 """Pure helpers of bench/train.py (the benchmark itself takes minutes and is not run here)."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "train.py"
+from workflow_utils import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("train")
 
 
 def _recs(tokens_per_step, seconds_per_step):

@@ -50,3 +50,13 @@ def planned_outputs(proc: subprocess.CompletedProcess, rule: str) -> list[str]:
             if m:
                 outs.append(m.group(1).strip())
     return outs
+
+
+def load_bench(name: str):
+    """Import bench/<name>.py (a script, not a package module) to test its pure helpers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
