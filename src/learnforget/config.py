@@ -283,7 +283,9 @@ def check(cfg: dict) -> None:
     if layer is not None and layer >= arch["num_hidden_layers"]:
         raise ConfigError("analysis.spectrum.layer",
                           f"layer {layer} does not exist: the model has {arch['num_hidden_layers']} layers")
-    modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    from learnforget.methods import TARGET_GROUPS
+
+    modules = TARGET_GROUPS["all"]
     if cfg["analysis"]["spectrum"]["module"] not in modules:
         raise ConfigError("analysis.spectrum.module",
                           f"unknown module {cfg['analysis']['spectrum']['module']!r}; one of {', '.join(modules)}")

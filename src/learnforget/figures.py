@@ -866,9 +866,6 @@ def spectral_ranks(spectral: pd.DataFrame, out_dir, *, groups: Mapping[str, str]
     return (files, data) if return_data else files
 
 
-_MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def spectral_modules_data(spectral: pd.DataFrame, *, groups: Mapping[str, str] | None = None,
                           series: Mapping[str, str] | None = None) -> dict:
     """``{module: {label: [(layer, rank90)]}}`` for full finetuning at each duration and each
@@ -885,7 +882,9 @@ def spectral_modules_data(spectral: pd.DataFrame, *, groups: Mapping[str, str] |
         return {}
     df["run"] = df["run"].astype(str).map(lambda r: (series or {}).get(r, r))
     data: dict = {}
-    order = {m: i for i, m in enumerate(_MODULE_ORDER)}
+    from .methods import TARGET_GROUPS  # a Llama layer's linear modules, in order
+
+    order = {m: i for i, m in enumerate(TARGET_GROUPS["all"])}
     for module, mdf in sorted(df.groupby("module"), key=lambda kv: (order.get(str(kv[0]), 99), str(kv[0]))):
         lines = {}
         for run in sorted(mdf["run"].unique()):
