@@ -19,9 +19,11 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/analyze.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/compose.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.report.output,
+        compose_outputs(),

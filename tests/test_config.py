@@ -94,59 +94,84 @@ def _apply(raw, path, value):
     return raw
 
 
-BAD = [
-    ("unknown top-level key", _with("trainer", {}), "trainer"),
-    ("unknown evaluation key", _with("evaluation.shots", 5), "shots"),
-    ("run without a method", _with("runs.0.method", DELETE), "method"),
-    ("unknown method", _with("runs.0.method", "qlora"), "runs[0].method"),
-    ("bad domain", _with("runs.0.domain", "biology"), "runs[0].domain"),
-    ("bad regime", _with("runs.0.regime", "rlhf"), "runs[0].regime"),
-    ("unsafe run name", _with("runs.0.name", "../escape"), "runs[0].name"),
-    ("duplicate run name", _with("runs.1.name", "math-full"), "runs[1].name"),
-    ("reserved run name", _with("runs.0.name", "base"), "runs[0].name"),
-    ("negative learning rate", _with("runs.0.train", {"lr": -1.0}), "runs[0].train"),
-    ("unknown train key", _with("finetune.learning_rate", 1e-3), "finetune"),
-    ("durations not increasing", _with("durations.values", [2, 1]), "durations.values"),
-    ("zero duration", _with("runs.0.durations", [0, 1]), "runs[0].durations"),
-    ("bad duration unit", _with("durations.unit", "hours"), "durations.unit"),
-    ("lora rank zero", _with("methods.lora.rank", 0), "methods.lora"),
-    ("lora rank above width", _with("methods.lora.rank", 64), "methods.lora.rank"),
-    ("bad lora target", _with("methods.lora.target", "embeddings"), "methods.lora"),
-    ("unknown method type", _with("methods.lora.type", "magic"), "methods.lora"),
+BAD = [  # (what, config, the key path the error names, what its message must say: the offending value)
+    ("unknown top-level key", _with("trainer", {}), "trainer", "unknown key 'trainer'"),
+    ("unknown evaluation key", _with("evaluation.shots", 5), "evaluation.shots", "unknown key 'shots'"),
+    ("run without a method", _with("runs.0.method", DELETE), "runs[0].method", "required key missing"),
+    ("unknown method", _with("runs.0.method", "qlora"), "runs[0].method", "unknown method 'qlora'"),
+    ("bad domain", _with("runs.0.domain", "biology"), "runs[0].domain", "'biology' is not one of"),
+    ("bad regime", _with("runs.0.regime", "rlhf"), "runs[0].regime", "'rlhf' is not one of"),
+    ("unsafe run name", _with("runs.0.name", "../escape"), "runs[0].name", "'../escape' does not match"),
+    ("duplicate run name", _with("runs.1.name", "math-full"), "runs[1].name", "duplicate run name 'math-full'"),
+    ("reserved run name", _with("runs.0.name", "base"), "runs[0].name", "'base' is reserved"),
+    ("negative learning rate", _with("runs.0.train", {"lr": -1.0}), "runs[0].train.lr",
+     "must be a positive number, got -1.0"),
+    ("unknown train key", _with("finetune.learning_rate", 1e-3), "finetune.learning_rate",
+     "unknown key(s) learning_rate"),
+    ("durations not increasing", _with("durations.values", [2, 1]), "durations.values",
+     "strictly increasing, got [2, 1]"),
+    ("zero duration", _with("runs.0.durations", [0, 1]), "runs[0].durations[0]", "0 is less than or equal to"),
+    ("bad duration unit", _with("durations.unit", "hours"), "durations.unit", "'hours' is not one of"),
+    ("lora rank zero", _with("methods.lora.rank", 0), "methods.lora.rank", "must be a positive integer, got 0"),
+    ("lora rank above width", _with("methods.lora.rank", 64), "methods.lora.rank",
+     "rank 64 must be below the model width 64"),
+    ("bad lora target", _with("methods.lora.target", "embeddings"), "methods.lora.target", "got 'embeddings'"),
+    ("unknown method type", _with("methods.lora.type", "magic"), "methods.lora", "unknown method type 'magic'"),
     ("unknown task", _with("evaluation.groups", {"forgetting": {"role": "forgetting", "tasks": ["nope"],
                                                                 "metric": "acc"}}),
-     "evaluation.groups.forgetting.tasks[0]"),
+     "evaluation.groups.forgetting.tasks[0]", "unknown task 'nope'"),
     ("no learning group for a run domain", _with("evaluation.groups", {"forgetting": {
-        "role": "forgetting", "tasks": ["lf_facts"], "metric": "acc"}}), "evaluation.groups"),
-    ("unknown data key", _with("data.math.n_problems", 10), "data.math"),
-    ("bad data value", _with("data.source.n_entities", 1), "data.source"),
-    ("unknown base mix dataset", _with("base.mix", {"wikipedia": 1.0}), "base.mix"),
-    ("zero analysis fraction", _with("analysis.fraction", 0), "analysis.fraction"),
-    ("model key missing", _with("model.hidden_size", DELETE), "model"),
-    ("unknown model key", _with("model.n_layers", 2), "model"),
-    ("sequence longer than the context", _with("finetune.seq_len", 1024), "runs[0].train.seq_len"),
-    ("threads zero", _with("threads.train", 0), "threads.train"),
-    ("spectrum layer beyond the model", _with("analysis.spectrum", {"layer": 2}), "analysis.spectrum.layer"),
-    ("unknown spectrum module", _with("analysis.spectrum", {"module": "attn"}), "analysis.spectrum.module"),
-    ("bad analysis device", _with("analysis.device", "tpu"), "analysis.device"),
-    ("negative swept learning rate", _with("runs.0.sweep", {"lr": [1e-3, -1e-3]}), "runs[0].sweep.lr"),
-    ("repeated seed", _with("runs.0.seeds", [1, 1]), "runs[0].seeds"),
+        "role": "forgetting", "tasks": ["lf_facts"], "metric": "acc"}}), "evaluation.groups",
+     "no learning group for the runs' domain 'code'"),
+    ("unknown data key", _with("data.math.n_problems", 10), "data.math.n_problems", "unknown config key 'n_problems'"),
+    ("bad data value", _with("data.source.n_entities", 1), "data.source.n_entities", "n_entities=1"),
+    ("unknown base mix dataset", _with("base.mix", {"wikipedia": 1.0}), "base.mix.wikipedia",
+     "unknown dataset 'wikipedia'"),
+    ("no positive base mix weight", _with("base.mix", {"source": 0.0}), "base.mix", "positive weight"),
+    ("zero analysis fraction", _with("analysis.fraction", 0), "analysis.fraction", "0 is less than or equal to"),
+    ("model key missing", _with("model.hidden_size", DELETE), "model.hidden_size", "missing: hidden_size"),
+    ("unknown model key", _with("model.n_layers", 2), "model.n_layers", "unknown arch keys: n_layers"),
+    ("sequence longer than the context", _with("finetune.seq_len", 1024), "runs[0].train.seq_len",
+     "1024 exceeds model.max_position_embeddings 256"),
+    ("base sequence longer than the context", _with("base.train", {"seq_len": 512}), "base.train.seq_len",
+     "512 exceeds"),
+    ("threads zero", _with("threads.train", 0), "threads.train", "0 is less than the minimum of 1"),
+    ("spectrum layer beyond the model", _with("analysis.spectrum", {"layer": 2}), "analysis.spectrum.layer",
+     "layer 2 does not exist"),
+    ("unknown spectrum module", _with("analysis.spectrum", {"module": "attn"}), "analysis.spectrum.module",
+     "unknown module 'attn'"),
+    ("bad analysis device", _with("analysis.device", "tpu"), "analysis.device", "'tpu' does not match"),
+    ("negative swept learning rate", _with("runs.0.sweep", {"lr": [1e-3, -1e-3]}), "runs[0].sweep.lr[1]",
+     "-0.001 is less than or equal to"),
+    ("repeated seed", _with("runs.0.seeds", [1, 1]), "runs[0].seeds", "[1, 1] has non-unique elements"),
     ("a seed replicate's name taken", _with_all(("runs.0.seeds", [3]), ("runs.1.name", "math-full-s3")),
-     "runs[1].name"),
+     "runs[1].name", "duplicate run name 'math-full-s3'"),
     ("fewshot for a task not in the group", _with("evaluation.groups", {
         "math": {"role": "learning", "domain": "math", "tasks": ["lf_math"], "metric": "exact_match",
                  "filter": "strict-match", "num_fewshot": {"gsm8k": 5}},
         "code": {"role": "learning", "domain": "code", "tasks": ["lf_code"], "metric": "bits_per_byte"},
         "forgetting": {"role": "forgetting", "tasks": ["lf_facts"], "metric": "acc"}}),
-     "evaluation.groups.math.num_fewshot"),
+     "evaluation.groups.math.num_fewshot", "['gsm8k']"),
+    ("packing a cpt run", _with("runs.2.packing", True), "runs[2].packing", "packing applies to ift runs"),
+    ("method name not filesystem-safe", _with("methods.lora/x", {"type": "lora"}), "methods.lora/x",
+     "filesystem-safe"),
+    ("bad keep policy", _with("keep.optimizer_state", "oldest"), "keep.optimizer_state", "'oldest' is not one of"),
+    ("unknown keep key", _with("keep.checkpoints", "newest"), "keep.checkpoints", "unknown key 'checkpoints'"),
 ]
 
 
-@pytest.mark.parametrize("what,raw,where", BAD, ids=[b[0] for b in BAD])
-def test_bad_config_names_the_key(what, raw, where):
+@pytest.mark.parametrize("what,raw,path,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_names_the_key_path_and_the_value(what, raw, path, message):
     with pytest.raises(lfconfig.ConfigError) as err:
         lfconfig.validate(raw)
-    assert where in str(err.value), str(err.value)
+    assert err.value.path == path, str(err.value)
+    assert message in str(err.value), str(err.value)
+    assert str(err.value).startswith(f"config error at '{path}': ")
+
+
+def test_the_bad_config_table_has_25_distinct_cases():
+    assert len({b[0] for b in BAD}) == len(BAD) >= 25
+    assert len({(b[2], b[3]) for b in BAD}) == len(BAD)
 
 
 def test_load_reports_missing_and_malformed_files(tmp_path):

@@ -21,6 +21,7 @@ import yaml
 
 from learnforget import config as lfconfig
 from learnforget import resources as lfres
+from learnforget import planner
 from workflow_utils import REPO
 
 TINY = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
@@ -224,16 +225,22 @@ def test_slurm_submission_asks_for_the_planned_gpus_memory_and_time(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resources
-def test_7b_lora_gets_gpus_from_the_planner_and_full_finetuning_does_not_fit():
+def test_7b_lora_gets_gpus_from_the_planner_and_full_finetuning_is_sharded():
     cfg = _config(LLAMA_7B, {"gpu": "auto"}, finetune={"seq_len": 512})
     runs = _runs(cfg)
     lora = lfres.train_plan(cfg, runs["math-lora"])
     assert lora["mode"] == "auto" and lora["gpus"] == 2 and lora["mem_mb"] == 55812
     assert lora["per_gpu_mb"] <= 0.9 * 80 * 1024
     assert "GiB/GPU x 2 DDP" in lora["summary"]
-    # full finetuning replicates 16 bytes per parameter on every GPU (DDP): no count fits
-    with pytest.raises(ValueError, match="math-full does not fit on up to 8 GPU"):
-        lfres.train_plan(cfg, runs["math-full"])
+    # full finetuning shards its 16 bytes per parameter over the GPUs (FSDP): 3 of 80 GB; the
+    # main process also gathers the float32 weights and AdamW's two states (48 bytes/param) to save
+    full = lfres.train_plan(cfg, runs["math-full"])
+    assert full["gpus"] == 3 and "GiB/GPU x 3 FSDP" in full["summary"]
+    assert full["per_gpu_mb"] <= 0.9 * 80 * 1024 and full["mem_mb"] == 237490
+    # replicated (DDP, as adapter methods are) no GPU count would fit it
+    with pytest.raises(ValueError, match="does not fit on up to 8 GPU"):
+        planner.plan_gpus(cfg["model"], {"type": "full"}, batch_size=16, seq_len=512, vocab_size=32000,
+                          fsdp=False, optimizer="adamw")
     # on bigger GPUs LoRA needs fewer
     assert lfres.train_plan(_config(LLAMA_7B, {"gpu": "auto", "gpu_memory_gb": 141}, finetune={"seq_len": 512}),
                             runs["math-lora"])["gpus"] == 1
@@ -244,7 +251,8 @@ def test_full_finetuning_needs_more_gpus_and_memory_than_lora():
     runs = _runs(cfg)
     full, lora = (lfres.train_plan(cfg, runs[name]) for name in ("math-full", "math-lora"))
     assert (full["gpus"], lora["gpus"]) == (2, 1)
-    assert (full["mem_mb"], lora["mem_mb"]) == (24914, 7311)  # a float32 model per process + 2 GiB
+    # a float32 model per process + 2 GiB, and for FSDP the main process's gather to save
+    assert (full["mem_mb"], lora["mem_mb"]) == (40527, 7311)
     assert full["mem_mb"] > 2 * lora["mem_mb"] * 0.9
     # a fixed count is kept, and flagged when the plan exceeds a GPU
     fixed = lfres.train_plan(_config(LLAMA_1B, {"gpu": 1}), runs["math-full"])

@@ -55,13 +55,18 @@ def test_uncached_hub_dataset_stops_before_any_job_with_one_line(tmp_path, monke
     paper.write_text(yaml.safe_dump(cfg))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    proc = snakemake(tmp_path, paper, "-n", check=False)
+    proc = snakemake(tmp_path, paper, "--cores", "1", check=False)
     assert proc.returncode != 0
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("learn-forget:")]
     assert len(lines) == 1, proc.stdout + proc.stderr
     assert "'gsm8k'" in lines[0] and "openai/gsm8k" in lines[0] and "evaluation.datasets" in lines[0]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+    # a dry run starts no job: it plans the study and only warns
+    dry = snakemake(tmp_path, paper, "-n", check=False)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "learn-forget: warning (a real run stops here): evaluation task 'gsm8k'" in dry.stderr
+    assert planned_jobs(dry)["evaluate"] > 0
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
@@ -73,13 +78,6 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "runs[0].method" in out and "no-such-method" in out
-
-
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
-    work = tmp_path_factory.mktemp("tiny")
-    snakemake(work, TINY, "--cores", "2")
-    return work
 
 
 @pytest.mark.e2e
@@ -104,7 +102,13 @@ def test_tiny_study_artefacts(tiny_study):
     for run in ["math-full", "math-lora", "code-lora"]:
         assert run in report
     assert "## Evaluation protocol" in report and "Generation diversity, lf_humaneval" in report
-    assert "**disk used (MiB)**" in report and "| math-full |" in report
+    assert "**Disk used per run (MiB)**" in report and "| math-full |" in report
+    # the keep policy: superseded checkpoints dropped their training state, the newest kept it
+    for dropped in ("math-full/1", "math-lora/1", "code-lora/trunk/1", "code-lora/1"):
+        assert not (res / "runs" / dropped / "state.pt").exists(), dropped
+        assert "state.pt" in read_json(res / "runs" / dropped / "dropped.json")["files"], dropped
+    for kept in ("math-full/2", "math-lora/2", "code-lora/trunk/2", "code-lora/2"):
+        assert (res / "runs" / kept / "state.pt").exists(), kept
     # sampled generations: HumanEval executed in the sandbox, code samples parsed; diversity rows
     div = metrics[metrics["role"] == "diversity"]
     assert set(div["task"]) == {"lf_humaneval", "lf_code_gen"}
@@ -158,7 +162,7 @@ def test_scoring_setting_change_regenerates_nothing(tiny_study, tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(tiny_study, changed, "-n", "--cores", "2"))
-    assert jobs == {"score": 3, "report": 1, "all": 1}, jobs
+    assert jobs == {"score": 3, "cards": 1, "report": 1, "all": 1}, jobs  # cards carry the scores
 
 
 @pytest.mark.e2e
@@ -184,7 +188,7 @@ def test_runtime_settings_retrain_nothing(tiny_study, tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(tiny_study, changed, "-n", "--cores", "2"))
-    assert set(jobs) <= {"report", "all"}, jobs  # the report states the config, so it is redrawn
+    assert set(jobs) <= {"report", "cards", "all"}, jobs  # the report states the config, so it is redrawn
 
 
 @pytest.mark.e2e
@@ -234,7 +238,7 @@ def test_corrupt_checkpoint_is_quarantined_and_rebuilt(tiny_study, tmp_path):
     assert "runs/math-full/1 is corrupt (model/model.safetensors" in out, out[-3000:]
     jobs = planned_jobs(proc)
     # math-full 1, and 2 which continues from it; their evaluations and analyses; the report
-    assert jobs == {"train": 2, "evaluate": 2, "analyze": 2, "report": 1, "all": 1}, jobs
+    assert jobs == {"train": 2, "evaluate": 2, "analyze": 2, "cards": 1, "report": 1, "all": 1}, jobs
     assert sorted(planned_outputs(proc, "train")) == ["results/runs/math-full/1", "results/runs/math-full/2"]
     kept = list((work / "results" / "quarantine" / "runs" / "math-full" / "1").glob("*/model/model.safetensors"))
     assert len(kept) == 1 and kept[0].stat().st_size == size // 2

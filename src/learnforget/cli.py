@@ -45,6 +45,15 @@ def _validate(args) -> int:
         return 2
     for task, src in found.items():
         print(f"  hub dataset of {task}: {src['dataset']} ({src['source']})")
+    from learnforget import sources
+
+    try:
+        located = sources.check_available(cfg, datasets=lfconfig.token_datasets(cfg))
+    except sources.SourceUnavailable as exc:
+        print(f"learn-forget: {exc}", file=sys.stderr)
+        return 2
+    for key, where in located.items():
+        print(f"  {key}: {where.kind}{' ' + str(where.path) if where.path else ''}")
     if args.show:
         print(lfconfig.dump(cfg))
     return 0
@@ -58,12 +67,12 @@ def _plan(args) -> int:
         return 2
     gb = args.gpu_memory
     print(f"{args.config}: memory plan per finetuning job "
-          f"({'GPUs of ' + format(gb, 'g') + ' GiB' if gb else 'CPU'}; FSDP {'on' if args.fsdp else 'off'})")
+          f"({'GPUs of ' + format(gb, 'g') + ' GiB' if gb else 'CPU'}; FSDP {'for every method' if args.fsdp else 'for full finetuning, as the trainer does'})")
     status = 0
     for r in lfconfig.expand_runs(cfg):
         try:
             job = gpu_plan_for_job(cfg["model"], r.method, r.train, gb, vocab_size=cfg["tokenizer"]["vocab_size"],
-                                   max_gpus=args.max_gpus, fsdp=args.fsdp, name=r.name,
+                                   max_gpus=args.max_gpus, fsdp=True if args.fsdp else None, name=r.name,
                                    cpu_processes=cfg["resources"]["cpu_processes"])
         except ValueError as exc:
             print(f"  {r.name}: does not fit: {exc}")
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
                    help="memory of one GPU in GiB (0: plan CPU jobs)")
     p.add_argument("--max-gpus", type=int, default=8)
-    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimiser states (FSDP)")
+    p.add_argument("--fsdp", action="store_true", help="shard every method with FSDP (default: full finetuning only, as the trainer does)")
     p.set_defaults(func=_plan)
     r = sub.add_parser("config-reference", help="print the config reference (markdown) that the README embeds")
     r.set_defaults(func=_config_reference)

@@ -86,11 +86,24 @@ def validate_schema(cfg: dict) -> dict:
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.path), list(map(str, e.path))))
     if errors:
         err = errors[0]
-        where = _path(err.absolute_path)
+        parts = list(err.absolute_path)
         msg = err.message
-        if err.validator == "additionalProperties":
-            msg = f"unknown key(s): {msg.split('(')[-1].rstrip(')')}" if "(" in msg else msg
-        raise ConfigError(where, msg)
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+            # the error names the unknown key itself (the first, in the config's order)
+            known = err.schema.get("properties", {})
+            patterns = err.schema.get("patternProperties", {})
+            extra = [k for k in err.instance if k not in known and not any(re.search(p, str(k)) for p in patterns)]
+            if extra:
+                parts.append(extra[0])
+                msg = f"unknown key {extra[0]!r}" + (f" (also {', '.join(map(repr, extra[1:]))})" if extra[1:] else "")
+                if known:
+                    msg += f"; known: {', '.join(sorted(known))}"
+        elif err.validator == "required":
+            missing = re.match(r"^'(.+)' is a required property$", msg)
+            if missing:
+                parts.append(missing.group(1))
+                msg = "required key missing"
+        raise ConfigError(_path(parts), msg)
     return cfg
 
 
@@ -196,13 +209,27 @@ class Run:
                 "lr": self.train_config.lr}
 
 
+#: How a component's error names its field: ``TrainConfig.lr: ...``, ``train_cfg.lr: ...``,
+#: ``SourceConfig.n_entities=1: ...``, ``unknown key(s) learning_rate``, ``arch is missing: x``.
+_FIELD_IN_MESSAGE = (re.compile(r"^[A-Za-z_]\w*\.([A-Za-z_]\w*)\s*[:=]"),
+                     re.compile(r"unknown (?:[a-z]+ )?keys?(?:\(s\))?:? '?([A-Za-z_]\w*)'?"),
+                     re.compile(r"\bis missing: '?([A-Za-z_]\w*)'?"))
+
+
 def _check_component(path: str, fn, *args):
+    """Run a component's validation; its error becomes a ConfigError at the key it names."""
     try:
         return fn(*args)
     except ConfigError:
         raise
     except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(path, str(exc).strip("'\"")) from exc
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        for pattern in _FIELD_IN_MESSAGE:
+            m = pattern.search(str(msg))
+            if m:
+                path = f"{path}.{m.group(1)}"
+                break
+        raise ConfigError(path, str(msg)) from exc
 
 
 def expand_runs(cfg: dict) -> list[Run]:
@@ -270,8 +297,22 @@ def check(cfg: dict) -> None:
     arch = _check_component("model", validate_arch, cfg["model"])
     context = arch["max_position_embeddings"]
     base_train = _check_component("base.train", TrainConfig.from_dict, cfg["base"]["train"])
-    if base_train.seq_len > context:
+    if base_train.seq_len > context and not is_pretrained(cfg):
         raise ConfigError("base.train.seq_len", f"{base_train.seq_len} exceeds model.max_position_embeddings {context}")
+    for name, spec in cfg["data"]["hub"].items():
+        regime = DATASETS[name][1]
+        for key in (("text",) if regime == "cpt" else ("prompt", "response")):
+            if key not in spec:
+                raise ConfigError(f"data.hub.{name}", f"a {regime} dataset needs a {key!r} template")
+        other = ("prompt", "response") if regime == "cpt" else ("text",)
+        for key in other:
+            if key in spec:
+                raise ConfigError(f"data.hub.{name}.{key}", f"a {regime} dataset has no {key!r} template")
+        from learnforget.sources import template_fields
+
+        for key in ("text", "prompt", "response", "id"):
+            if key in spec:
+                _check_component(f"data.hub.{name}.{key}", template_fields, spec[key])
     _check_component("finetune", TrainConfig.from_dict, cfg["finetune"])
     for name in cfg["base"]["mix"]:
         if name not in DATASETS:
@@ -342,12 +383,61 @@ def check(cfg: dict) -> None:
     for dataset_id, folder in cfg["evaluation"]["datasets"].items():
         if not Path(folder).is_dir():
             raise ConfigError(f"evaluation.datasets.{dataset_id}", f"{folder} is not a folder")
+    from learnforget.compose import check_config as check_compose
+
+    check_compose(cfg)  # the runs it combines exist and are lora adapters of compatible ranks
+
+
+def dry_run_requested(argv: list[str]) -> bool:
+    """Whether a Snakemake command line asks for a dry run (``-n``, ``--dry-run``, ``--dryrun``,
+    or ``n`` among combined short flags such as ``-pn``). Snakemake decides it only after the
+    workflow is parsed, so the Snakefile reads its own command line."""
+    import os
+
+    if os.environ.get("LEARNFORGET_DRY_RUN", "").strip().lower() in ("1", "true", "yes"):
+        return True
+    for arg in argv[1:]:
+        if arg in ("--dry-run", "--dryrun", "--dry_run"):
+            return True
+        if re.fullmatch(r"-[A-Za-z]*n[A-Za-z]*", arg) and not re.fullmatch(r"-[cjs].*", arg):
+            return True
+    return False
+
+
+def is_pretrained(cfg: dict) -> bool:
+    """Whether the study starts from a pretrained model (``model.pretrained``)."""
+    return bool(cfg.get("model", {}).get("pretrained"))
+
+
+def resolve_pretrained(cfg: dict, raw: dict) -> dict:
+    """With ``model.pretrained``: fill ``model`` with the model's architecture (its config.json
+    where available, see :func:`learnforget.sources.resolve_arch`) and ``tokenizer.vocab_size``
+    with its vocabulary size, which plan the jobs. ``raw``: the config as written."""
+    if not is_pretrained(cfg):
+        for key in ("revision", "vocab_size"):
+            if key in cfg["model"]:
+                raise ConfigError(f"model.{key}", "only applies with model.pretrained")
+        return cfg
+    if (raw or {}).get("tokenizer"):
+        raise ConfigError("tokenizer", "a pretrained model brings its own tokenizer: leave out the tokenizer section")
+    from learnforget import sources
+
+    try:
+        arch = sources.resolve_arch(cfg["model"])
+    except (ValueError, sources.SourceUnavailable) as exc:
+        path, _, msg = str(exc).partition(": ")
+        raise ConfigError(path, msg) from None
+    cfg["model"] = {**{k: cfg["model"][k] for k in ("pretrained", "revision") if k in cfg["model"]}, **arch}
+    cfg["tokenizer"]["vocab_size"] = arch["vocab_size"]
+    return cfg
 
 
 def validate(cfg: dict) -> dict:
     """Schema, defaults and cross-field checks; returns the filled config with every run
     concrete (``seeds`` and ``sweep`` expanded by :func:`expand_grid`)."""
+    raw = cfg
     cfg = validate_schema(cfg)
+    cfg = resolve_pretrained(cfg, raw)
     check(cfg)
     cfg["runs"] = expand_grid(cfg["runs"])
     return cfg
@@ -393,7 +483,7 @@ def figure_names(cfg: dict) -> list[str]:
 
 def token_datasets(cfg: dict) -> list[str]:
     """The token datasets the study needs: the base mix plus each run's (domain, regime)."""
-    names = {n for n, w in cfg["base"]["mix"].items() if w > 0}
+    names = set() if is_pretrained(cfg) else {n for n, w in cfg["base"]["mix"].items() if w > 0}
     names |= {r.dataset for r in expand_runs(cfg)}
     return sorted(names)
 

@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .compose import METHOD as COMPOSE_METHOD  # noqa: E402
 from .io import atomic_path  # noqa: E402
 
 __all__ = [
@@ -48,6 +49,8 @@ __all__ = [
     "run_settings",
     "spectral_ranks",
     "spectral_ranks_data",
+    "composite_points",
+    "is_composite",
     "tradeoff",
     "tradeoff_data",
     "ci95",
@@ -102,6 +105,12 @@ BASE_STYLE = dict(marker="*", markersize=15, color="#111111", markeredgecolor="w
 
 def is_base(run, method=None) -> bool:
     return str(run) == "base" or (method is not None and str(method) == "base")
+
+
+def is_composite(method) -> bool:
+    """Rows of a composite of adapters (``compose``, learnforget.compose): drawn on the
+    trade-off figure as points of their own, left out of every per-run series."""
+    return str(method) == COMPOSE_METHOD
 
 
 def is_full(method) -> bool:
@@ -209,7 +218,8 @@ def run_settings(metrics: pd.DataFrame) -> dict[str, tuple[str, str]]:
     """series -> (domain, regime) for every non-base series (from its learning rows, else any
     row); a run that is not one of several seeds is its own series."""
     df = _clean(metrics)
-    df = df[~df.apply(lambda r: is_base(r["run"], r.get("method")), axis=1)] if len(df) else df
+    df = df[~df.apply(lambda r: is_base(r["run"], r.get("method")) or is_composite(r.get("method")), axis=1)] \
+        if len(df) else df
     out: dict[str, tuple[str, str]] = {}
     for run, rows in df.groupby("series", sort=True):
         learn = rows[rows["role"] == "learning"] if "role" in rows else rows
@@ -422,16 +432,63 @@ def _shade_front(ax, front, x_higher: bool, y_higher: bool):
     ax.set_ylim(y0, y1)
 
 
+def composite_points(metrics: pd.DataFrame, *, learning: Mapping, forgetting, keys: Iterable[tuple]) -> dict:
+    """``{(domain, regime): {composite: (x, y)}}``: each composite of adapters (rows with method
+    ``compose``) on every panel whose learning metric it was evaluated on; x = forgetting score,
+    y = that panel's learning metric."""
+    if metrics is None or len(metrics) == 0 or not forgetting or not learning:
+        return {}
+    df = _clean(metrics)
+    df = df[df["method"].map(is_composite)]
+    if df.empty:
+        return {}
+    ftab = metric_table(df, forgetting)
+    out = {}
+    for key in keys:
+        lspec = resolve_learning(learning, *key)
+        if lspec is None:
+            continue
+        xy = metric_table(df, lspec).merge(ftab, on=["run", "method", "duration"], suffixes=("_y", "_x"))
+        pts = {str(r): (float(x), float(y)) for r, x, y in zip(xy["run"], xy["value_x"], xy["value_y"])}
+        if pts:
+            out[key] = pts
+    return out
+
+
+_COMPOSITE_STYLE = dict(linestyle="none", markeredgecolor="#111111", markeredgewidth=0.9, zorder=5)
+_COMPOSITE_KINDS = {"search": ("X", 11, "#2a9d8f"), "uniform": ("P", 9, "#8d99ae"), "single": ("h", 8, None)}
+_COMPOSITE_COLORS = ["#e9c46a", "#f4a261", "#b5838d", "#6d597a", "#90be6d", "#577590"]
+
+
+def _composite_styles(names: Iterable[str], kinds: Mapping[str, str] | None) -> dict:
+    """Marker, size and colour per composite: the searched one a large X, the uniform one a
+    plus, single adapters hexagons in their own colours (kinds unknown: fallback markers)."""
+    styles, n = {}, 0
+    for i, name in enumerate(sorted(names)):
+        kind = (kinds or {}).get(name)
+        marker, size, color = _COMPOSITE_KINDS.get(kind, (_FALLBACK_MARKERS[i % len(_FALLBACK_MARKERS)], 9, None))
+        if color is None:
+            color = _COMPOSITE_COLORS[n % len(_COMPOSITE_COLORS)]
+            n += 1
+        styles[name] = {"marker": marker, "markersize": size, "color": color}
+    return styles
+
+
 def tradeoff(metrics: pd.DataFrame, out_dir, *, learning: Mapping, forgetting, name: str = "tradeoff",
-             return_data: bool = False):
+             return_data: bool = False, composites: Mapping[str, str] | None = None):
     """Paper Figure 1: learning (y) vs forgetting score (x), one panel per (domain, regime);
     one line per series through its durations (labelled), starting at the base model (star);
-    95% intervals over seeds as error bars; the Pareto front of all points shaded."""
+    95% intervals over seeds as error bars; the Pareto front of all the runs' points shaded.
+    Composites of adapters (method ``compose``; ``composites``: name -> kind, search, uniform
+    or single) are separate points on every panel whose learning metric they have, outside the
+    front (their data: ``composite_points``)."""
     data = tradeoff_data(metrics, learning=learning, forgetting=forgetting, errors=True)
     if not data:
         return ([], {}) if return_data else []
     methods = _methods(metrics)
     styles = _run_styles(metrics, [r for p in data.values() for r in p if r != "base"], methods)
+    extra = composite_points(metrics, learning=learning, forgetting=forgetting, keys=list(data))
+    cstyles = _composite_styles({c for pts in extra.values() for c in pts}, composites)
     with plt.rc_context(STYLE):
         fig, axes = _subplots(len(data), 5.2, 4.3)
         for ax, (key, panel) in zip(axes, data.items()):
@@ -452,6 +509,8 @@ def tradeoff(metrics: pd.DataFrame, out_dir, *, learning: Mapping, forgetting, n
             if "base" in panel:
                 bx, by, *_ = panel["base"][0]
                 ax.plot([bx], [by], linestyle="none", label="base model", **BASE_STYLE)
+            for comp, (cx, cy) in sorted(extra.get(key, {}).items()):
+                ax.plot([cx], [cy], label=f"{comp} (composite)", **cstyles[comp], **_COMPOSITE_STYLE)
             x_hi, y_hi = higher_is_better(metrics, forgetting), higher_is_better(metrics, lspec)
             ax.margins(x=0.12, y=0.1)
             front = pareto_front([(p[0], p[1]) for pts in panel.values() for p in pts], x_higher=x_hi, y_higher=y_hi)

@@ -31,6 +31,12 @@ Every training job writes its folder (``runs/{run}/{duration}``, ``runs/{run}/tr
 * Nothing is deleted: :func:`quarantine` moves a corrupt folder to
   ``quarantine_root/<path relative to the results folder>/<UTC timestamp>/``. Its output then
   being missing, Snakemake rebuilds it.
+* Files the keep policy dropped (:mod:`learnforget.keep`: the training state of a checkpoint
+  that a longer one has continued from) are recorded in ``dropped.json`` inside the folder,
+  each with the manifest's sha256, the reason and the policy. A listed file that is missing and
+  recorded there with the same sha256 is intact ("dropped by policy"); a recorded file that is
+  still present is verified as usual (a drop interrupted before its unlink). An unreadable
+  ``dropped.json`` records nothing, so the missing file makes the checkpoint corrupt.
 * :func:`scan` checks every checkpoint under a results folder. A checkpoint folder is one whose
   path fits a training output (``runs/<run>/<duration>``, ``runs/<run>/trunk/<duration>``,
   ``base/model``; a duration starts with a digit) or that holds a ``manifest.json`` at
@@ -59,6 +65,8 @@ from learnforget.io import sha256_file, write_json
 
 MANIFEST = "manifest.json"
 STAMP = ".verified.json"
+DROPPED = "dropped.json"
+"""Sidecar of the files the keep policy removed from a finished checkpoint (learnforget.keep)."""
 STAMP_VERSION = 1
 RACY_NS = 2_000_000_000
 """A stamp entry is trusted only if the file's mtime is this much older than its verification."""
@@ -122,6 +130,26 @@ def read_manifest_files(ckpt_dir: str | os.PathLike) -> dict[str, str]:
     return out
 
 
+def dropped_by_policy(ckpt_dir: str | os.PathLike) -> dict[str, dict]:
+    """Files the keep policy dropped from a checkpoint: ``{path: {"sha256", "size", "reason", ...}}``
+    from its ``dropped.json`` (empty when there is none or it is unreadable)."""
+    try:
+        with open(Path(ckpt_dir) / DROPPED, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        return {}
+    return {k: v for k, v in files.items()
+            if isinstance(v, dict) and isinstance(v.get("sha256"), str) and _SHA256.fullmatch(v["sha256"].lower())}
+
+
+def _dropped_as_listed(ckpt: Path, rel: str, digest: str) -> bool:
+    entry = dropped_by_policy(ckpt).get(rel)
+    return entry is not None and entry["sha256"].lower() == digest
+
+
 def _load_stamp(ckpt: Path) -> dict[str, dict]:
     try:
         with open(ckpt / STAMP, encoding="utf-8") as fh:
@@ -175,6 +203,8 @@ def verify(ckpt_dir: str | os.PathLike, *, cache: bool = True) -> None:
         try:
             st = os.stat(ckpt / rel)
         except FileNotFoundError:
+            if _dropped_as_listed(ckpt, rel, files[rel]):  # removed by the keep policy: intact
+                continue
             raise CorruptCheckpoint(ckpt, rel, "missing") from None
         except OSError as exc:
             raise CorruptCheckpoint(ckpt, rel, f"unreadable ({_why(exc)})") from exc
@@ -183,7 +213,7 @@ def verify(ckpt_dir: str | os.PathLike, *, cache: bool = True) -> None:
         stats[rel] = st
     old = _load_stamp(ckpt) if cache else {}
     new = {}
-    for rel in sorted(files):
+    for rel in sorted(stats):
         st, want, entry = stats[rel], files[rel], old.get(rel)
         if cache and _trusted(entry, st, want):
             new[rel] = entry
@@ -192,6 +222,10 @@ def verify(ckpt_dir: str | os.PathLike, *, cache: bool = True) -> None:
         try:
             got = sha256_file(ckpt / rel)
             after = os.stat(ckpt / rel)
+        except FileNotFoundError:
+            if _dropped_as_listed(ckpt, rel, want):  # dropped by the keep policy meanwhile
+                continue
+            raise CorruptCheckpoint(ckpt, rel, "missing") from None
         except OSError as exc:
             raise CorruptCheckpoint(ckpt, rel, f"unreadable ({_why(exc)})") from exc
         if got != want:

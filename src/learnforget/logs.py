@@ -9,14 +9,17 @@ import time
 from pathlib import Path
 
 
-def setup(log_path: str | os.PathLike | None, name: str = "learnforget") -> logging.Logger:
+def setup(log_path: str | os.PathLike | None, name: str = "learnforget", *, offline: bool = True) -> logging.Logger:
     """Send ``learnforget`` log records to ``log_path`` (truncated) and to stderr.
 
     Also quiets the chatty third-party loggers and pins offline mode for the HF libraries:
-    nothing in a job may fetch from a hub unless the user asked for it.
+    nothing in a job may fetch from a hub unless the user asked for it (``offline=False``: the
+    jobs that download a configured pretrained model or hub dataset; the user's own offline
+    variables still hold).
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger(name)

@@ -67,7 +67,8 @@ gradients and optimizer states are divided by n; the GPU also holds the gathered
 (embeddings, final norm, output head) and two gathered layers (the current one and the prefetched
 one), plus one layer's unsharded gradients before their reduce-scatter; bf16 then means FSDP's
 ``MixedPrecision(param_dtype=bfloat16)``: float32 shards, bf16 compute, no autocast copies. The
-FSDP figures follow FSDP's design; the training loop has no FSDP path yet, so they are untested.
+FSDP figures follow FSDP's design (the trainer shards full finetuning over several processes
+with FSDP2, learnforget.fsdp); they are checked against the design, not yet against GPU peaks.
 
 Memory sizes are binary: ``GiB`` = 2**30 bytes (an "80 GB" H100 has 79.6 GiB).
 """
@@ -505,7 +506,7 @@ def plan_gpus(arch: dict, method: MethodConfig | dict, *, batch_size: int, seq_l
     last = None
     for n in range(1, min(max_gpus, batch_size) + 1):
         shard = (isinstance(m, FullConfig) and n > 1) if fsdp is None else (bool(fsdp) and n > 1)
-        mb = micro_batch if micro_batch is not None else math.ceil(batch_size / n)
+        mb = math.ceil(batch_size / n) if micro_batch is None else min(micro_batch, math.ceil(batch_size / n))
         plan = estimate(arch, m, micro_batch=mb, seq_len=seq_len, vocab_size=vocab_size, precision=precision,
                         optimizer=optimizer, n_gpus=n, fsdp=shard, gradient_checkpointing=gradient_checkpointing,
                         name=label)
@@ -518,13 +519,17 @@ def plan_gpus(arch: dict, method: MethodConfig | dict, *, batch_size: int, seq_l
 
 
 def host_memory_bytes(arch: dict, method: MethodConfig | dict, *, vocab_size: int | None = None,
-                      processes: int = 1) -> int:
+                      processes: int = 1, optimizer: str = "adamw") -> int:
     """Host (CPU) memory of a GPU training job: per process the float32 base model that
     ``load_model`` reads into host memory before it moves to the GPU, plus
-    :data:`HOST_BASELINE_BYTES`."""
+    :data:`HOST_BASELINE_BYTES`; under FSDP (full finetuning over several processes) the main
+    process also gathers the full float32 weights and optimizer states to save them."""
     counts = count_params(arch, vocab_size)
     per_process = 4 * (counts["total"] + trainable_params(arch, method, vocab_size)) + HOST_BASELINE_BYTES
-    return processes * per_process
+    gather = 0
+    if isinstance(_method(method), FullConfig) and processes > 1:
+        gather = 4 * (1 + OPTIMIZER_STATES.get(optimizer, 2)) * counts["total"]
+    return processes * per_process + gather
 
 
 def gpu_plan_for_job(arch: dict, method: MethodConfig | dict, train: dict | None, gpu_memory_gb: float | None,
@@ -548,9 +553,11 @@ def gpu_plan_for_job(arch: dict, method: MethodConfig | dict, train: dict | None
     m = _method(method)
     tc = TrainConfig.from_dict(train)
     label = name or f"{m.type} job"
+    micro_batch = micro_batch or tc.micro_batch_size  # gradient accumulation over passes of this size
     if not gpu_memory_gb:
         procs = max(1, int(cpu_processes))
-        plan = estimate(arch, m, micro_batch=micro_batch or math.ceil(tc.batch_size / procs), seq_len=tc.seq_len,
+        mb = math.ceil(tc.batch_size / procs)
+        plan = estimate(arch, m, micro_batch=min(micro_batch, mb) if micro_batch else mb, seq_len=tc.seq_len,
                         vocab_size=vocab_size, precision=tc.precision, optimizer=tc.optimizer, n_gpus=procs,
                         gradient_checkpointing=gradient_checkpointing, device="cpu", name=label)
         mem = procs * plan.total
@@ -564,6 +571,6 @@ def gpu_plan_for_job(arch: dict, method: MethodConfig | dict, train: dict | None
                         vocab_size=vocab_size, precision=tc.precision, optimizer=tc.optimizer,
                         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, gpu_memory_gb=gpu_memory_gb,
                         max_gpus=max_gpus, margin=margin, name=label)
-    mem = host_memory_bytes(arch, m, vocab_size=vocab_size, processes=n)
+    mem = host_memory_bytes(arch, m, vocab_size=vocab_size, processes=n, optimizer=tc.optimizer)
     return {"gpus": n, "mem_mb": int(math.ceil(mem / MiB)), "per_gpu_mb": int(math.ceil(plan.total / MiB)),
             "summary": plan.summary(), "plan": plan.to_dict()}

@@ -72,24 +72,6 @@ def stage_times(benchmark_dir: str | os.PathLike) -> dict[str, dict[str, float]]
     return {k: {kk: round(vv, 1) for kk, vv in v.items()} for k, v in sorted(totals.items())}
 
 
-def disk_usage(results: str | os.PathLike) -> dict[str, str]:
-    """MiB on disk per run (its checkpoints, trunks and evaluations), the base model, and the
-    whole results folder (quarantined checkpoints, if any, included)."""
-    results = Path(results)
-
-    def mib(paths) -> float:
-        return sum(f.stat().st_size for p in paths if p.exists()
-                   for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file() and not f.is_symlink()) / 2**20
-
-    out = {"base model": mib([results / "base"])}
-    for run in sorted(p.name for p in (results / "runs").glob("*") if p.is_dir()):
-        out[run] = mib([results / "runs" / run, results / "evals" / run])
-    if (results / "quarantine").exists():
-        out["quarantine"] = mib([results / "quarantine"])
-    out["all of results/"] = mib([results])
-    return {k: f"{v:.1f}" for k, v in out.items()}
-
-
 def collect(repo: str | os.PathLike, results: str | os.PathLike, seeds: dict) -> dict:
     return {
         "git commit": git_commit(repo),
@@ -98,5 +80,4 @@ def collect(repo: str | os.PathLike, results: str | os.PathLike, seeds: dict) ->
         "hardware": hardware(),
         "wall time per stage (s, summed over jobs)": {k: v["seconds"] for k, v in stage_times(Path(results) / "benchmarks").items()},
         "jobs per stage": {k: int(v["jobs"]) for k, v in stage_times(Path(results) / "benchmarks").items()},
-        "disk used (MiB)": disk_usage(results),
     }

@@ -29,6 +29,9 @@ def _schema_rows(schema: dict, prefix: str = "") -> list[tuple[str, str, str]]:
             rows += _schema_rows(sub, path + ".")
         if sub.get("type") == "array" and isinstance(sub.get("items"), dict) and "properties" in sub["items"]:
             rows += _schema_rows(sub["items"], path + "[].")
+        extra = sub.get("additionalProperties")
+        if isinstance(extra, dict) and len(extra.get("properties", {})) > 1:  # e.g. data.hub.<name>.path
+            rows += _schema_rows(extra, path + ".<name>.")
     return rows
 
 

@@ -547,6 +547,53 @@ def _diversity_table(metrics) -> list[str]:
     return out
 
 
+def compose_section(record: Mapping | None, metrics: pd.DataFrame | None, learning: Mapping | None,
+                    forgetting) -> list[str]:
+    """Markdown lines of the LoRAHub section from the compose stage's record (``search.json``,
+    :func:`learnforget.compose.run`) and the composites' rows of ``metrics``: what was combined,
+    the weights found, the few-shot loss of the search against the uniform combination, each
+    adapter alone and the base model (verdict: ``"the search lowered the few-shot loss below the
+    uniform combination's"`` or ``"... did not lower ..."``), and a table of every composite's
+    weights, few-shot loss, learning metrics and forgetting score."""
+    from learnforget.compose import summary_table
+
+    if not record or not record.get("composites"):
+        return []
+    comps = record["composites"]
+    found = next((n for n, c in comps.items() if c["kind"] == "search"), None)
+    uniform = next((n for n, c in comps.items() if c["kind"] == "uniform"), None)
+    singles = {n: c for n, c in comps.items() if c["kind"] == "single"}
+    t, s = record["target"], record.get("search") or {}
+    adapters = ", ".join(f"{r} ({_fmt_dur(record['durations'][r])} {record.get('unit', '')})".replace(" )", ")")
+                         for r in record.get("runs") or record["adapters"])
+    out = ["## Composing adapters (LoRAHub)", "",
+           f"The adapters of {adapters} were combined with peft's add_weighted_adapter (combination "
+           f"`{record['combination']}`); the weights were searched without gradients (Nelder-Mead, "
+           f"{len(record.get('trace') or [])} evaluations, weights in ±{_fmt(s.get('bound'), 2)}) to minimise the "
+           f"loss on {t['k']} examples of {t['domain']}/{t['split']} ({t['regime']}) plus "
+           f"{_fmt(s.get('l1'), 2)} × the mean absolute weight (LoRAHub's objective).", ""]
+    if found:
+        c = comps[found]
+        weights = ", ".join(f"{r} {c['weights'][r]:+.3f}" for r in record.get("runs") or c["weights"])
+        text = f"- **{found}** (the search): weights {weights}; few-shot loss {_fmt(c['loss'])}"
+        if uniform:
+            u = comps[uniform]["loss"]
+            verdict = "lowered" if c["loss"] < u else "did not lower"
+            text += f" vs {_fmt(u)} for the uniform combination: **the search {verdict} the few-shot loss below the " \
+                    "uniform combination's**"
+        if singles:
+            best = min(singles, key=lambda n: singles[n]["loss"])
+            text += f"; the best single adapter, {singles[best]['run']}, has {_fmt(singles[best]['loss'])}"
+        if record.get("base_loss") is not None:
+            text += f"; the base model {_fmt(record['base_loss'])}"
+        out += [text + ".", ""]
+    learn = {k: v for k, v in (learning or {}).items() if isinstance(k, str)}
+    table = summary_table(record, metrics, learning=learn, forgetting=forgetting)
+    out += ["Every composite is evaluated like a checkpoint (every domain's learning group and the forgetting "
+            "group) and drawn on the trade-off figure.", "", markdown_table(table, index=False), ""]
+    return out
+
+
 def evaluation_protocol(groups: Mapping[str, Mapping], n_shot: Mapping[str, Any] | None = None) -> list[str]:
     """Markdown lines stating how every task group was scored: role, tasks, metric and filter
     per task, shots (as lm-eval ran them, from ``n_shot``), limits and sampling settings."""
@@ -631,6 +678,21 @@ def _provenance(provenance: Mapping) -> list[str]:
     return out
 
 
+def _disk_table(disk: pd.DataFrame | None) -> list[str]:
+    """Disk used per run (learnforget.keep.disk_usage, bytes) as a table in MiB."""
+    if disk is None or not len(disk):
+        return []
+    cols = {"checkpoints": "checkpoints", "resume": "resume snapshots", "evaluations": "evaluations",
+            "analysis": "spectral analysis", "total": "total", "freed_by_keep_policy": "freed by the keep policy"}
+    table = pd.DataFrame({"run": disk["run"].astype(str)})
+    for col, label in cols.items():
+        table[label] = [f"{v / 2**20:.2f}" if v is not None and not pd.isna(v) else "–" for v in disk[col]]
+    return ["**Disk used per run (MiB)**", "",
+            "Checkpoints include trunks; `freed by the keep policy` is the training state "
+            "(`keep.optimizer_state`) dropped from superseded checkpoints, as recorded in their `dropped.json`.",
+            "", markdown_table(table), ""]
+
+
 def _rel(target, start_dir: Path) -> str:
     return Path(os.path.relpath(Path(target).resolve(), start_dir.resolve())).as_posix()
 
@@ -640,13 +702,16 @@ def _rel(target, start_dir: Path) -> str:
 
 def write_report(metrics: pd.DataFrame, spectral: pd.DataFrame | None, figures: Mapping[str, str], out_md, *,
                  config: Mapping, provenance: Mapping, learning: Mapping | None = None, forgetting=None,
-                 title: str | None = None, tol: float = 0.005, protocol: list[str] | None = None) -> str:
+                 title: str | None = None, tol: float = 0.005, protocol: list[str] | None = None,
+                 disk: pd.DataFrame | None = None, compose: Mapping | None = None) -> str:
     """Write ``report.md`` atomically and return its text.
 
     ``figures`` maps a name to a PNG path (a PDF next to it is linked too); links are relative
     to the report's folder. ``learning``/``forgetting`` are the primary metric specs (see
     ``learnforget.figures``); when omitted they are taken from ``config["report"]`` if present,
     else inferred from the table. ``tol``: forgetting differences up to this are "about as much".
+    ``disk``: bytes per run (:func:`learnforget.keep.disk_usage`), a table in the provenance.
+    ``compose``: the compose stage's record (``search.json``), a LoRAHub section after the findings.
     """
     out_md = Path(out_md)
     out_dir = out_md.parent
@@ -666,6 +731,7 @@ def write_report(metrics: pd.DataFrame, spectral: pd.DataFrame | None, figures: 
 
     lines += ["## Findings", ""]
     lines += findings(metrics, spectral, learning=learning, forgetting=forgetting, tol=tol)
+    lines += compose_section(compose, metrics, learning, forgetting)
     lines += _runs_table(config)
 
     fig_lines = []
@@ -692,6 +758,7 @@ def write_report(metrics: pd.DataFrame, spectral: pd.DataFrame | None, figures: 
 
     lines += ["## Provenance", ""]
     lines += _provenance(provenance or {})
+    lines += _disk_table(disk)
     if config:
         lines += ["**config**", "", "```yaml", _dump(dict(config)), "```", ""]
     text = "\n".join(lines).rstrip() + "\n"

@@ -16,9 +16,9 @@ runs, not what it computes: none is a Snakemake param, so changing them retrains
 - ``N``: N GPUs; the plan at N GPUs is still computed (for ``mem_mb`` and the dry-run line) and
   flagged when it exceeds what ``auto`` would allow (one GPU's memory less the 10% margin).
 
-The layout is the training loop's: one replica per GPU (DDP). FSDP and gradient checkpointing,
-which the planner models, are planned only when a run's training settings have them (a
-``fsdp`` / ``gradient_checkpointing`` field of :class:`learnforget.train.TrainConfig`). On GPUs
+The layout is the training loop's: full finetuning over several GPUs is sharded with FSDP
+(learnforget.fsdp), adapter methods keep one replica per GPU (DDP). Gradient checkpointing, which
+the planner models, is planned only when a run's training settings have it. On GPUs
 ``mem_mb`` is the host memory (:func:`learnforget.planner.host_memory_bytes`: per process the
 float32 model that is loaded before it moves to the GPU, plus 2 GiB).
 
@@ -73,10 +73,11 @@ def wants_gpus(cfg: dict) -> bool:
     return gpu == AUTO or (isinstance(gpu, int) and gpu > 0)
 
 
-def _layout(tc) -> dict[str, bool]:
-    """FSDP and gradient checkpointing as the training settings have them (DDP, none otherwise)."""
-    return {"fsdp": bool(getattr(tc, "fsdp", False)),
-            "gradient_checkpointing": bool(getattr(tc, "gradient_checkpointing", False))}
+def _layout(tc) -> dict[str, Any]:
+    """How the trainer lays a job out: full finetuning over several GPUs is sharded with FSDP,
+    adapter methods are replicated with DDP (``fsdp=None``: the planner's auto rule, the same);
+    no gradient checkpointing."""
+    return {"fsdp": None, "gradient_checkpointing": bool(getattr(tc, "gradient_checkpointing", False))}
 
 
 def train_plan(cfg: dict, run) -> dict[str, Any]:
@@ -104,19 +105,31 @@ def train_plan(cfg: dict, run) -> dict[str, Any]:
         return {"gpus": job["gpus"], "mem_mb": job["mem_mb"], "per_gpu_mb": job["per_gpu_mb"], "fits": True,
                 "mode": "auto", "summary": job["summary"]}
     n = int(gpu)
-    plan = planner.estimate(cfg["model"], run.method, micro_batch=math.ceil(tc.batch_size / n), seq_len=tc.seq_len,
+    mb = math.ceil(tc.batch_size / n)
+    plan = planner.estimate(cfg["model"], run.method, micro_batch=min(mb, tc.micro_batch_size or mb), seq_len=tc.seq_len,
                             vocab_size=vocab, precision=tc.precision, optimizer=tc.optimizer, n_gpus=n,
-                            fsdp=layout["fsdp"] and n > 1, gradient_checkpointing=layout["gradient_checkpointing"],
+                            fsdp=run.method.get("type") == "full" and n > 1, gradient_checkpointing=layout["gradient_checkpointing"],
                             name=run.name)
-    host = planner.host_memory_bytes(cfg["model"], run.method, vocab_size=vocab, processes=n)
+    host = planner.host_memory_bytes(cfg["model"], run.method, vocab_size=vocab, processes=n, optimizer=tc.optimizer)
     return {"gpus": n, "mem_mb": int(math.ceil(host / MiB)), "per_gpu_mb": int(math.ceil(plan.total / MiB)),
             "fits": plan.total <= (1 - MARGIN) * res["gpu_memory_gb"] * GiB, "mode": "fixed",
             "summary": plan.summary()}
 
 
-def train_plans(cfg: dict, runs: Iterable) -> dict[str, dict[str, Any]]:
-    """:func:`train_plan` of each run, by name."""
-    return {run.name: train_plan(cfg, run) for run in runs}
+def train_plans(cfg: dict, runs: Iterable, *, fallback_gpus: int | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`train_plan` of each run, by name. With ``fallback_gpus`` (a dry run), a run that
+    fits on no GPU count under ``gpu: auto`` is planned on that many GPUs (``fits`` False, so its
+    plan line warns) instead of raising."""
+    plans = {}
+    for run in runs:
+        try:
+            plans[run.name] = train_plan(cfg, run)
+        except ValueError:
+            if fallback_gpus is None:
+                raise
+            plans[run.name] = train_plan({**cfg, "resources": {**cfg["resources"], "gpu": int(fallback_gpus)}}, run)
+            plans[run.name]["fits"] = False
+    return plans
 
 
 def train_cpus(cfg: dict, gpus: int, threads: int) -> int:
@@ -165,11 +178,18 @@ def base_mem_mb(cfg: dict) -> int | None:
 
 
 # ----------------------------------------------------------------------------- runtime
+#: Records assumed for a hub dataset that states neither ``records`` nor ``max_records``.
+HUB_RECORDS_GUESS = 100_000
+
+
 def dataset_records(cfg: dict, dataset: str) -> int:
     """Training records of a token dataset as the config's data sizes give them (an upper
     bound for code, whose records are at most ``max_records_train``)."""
     from learnforget import data as data_mod
 
+    spec = cfg["data"].get("hub", {}).get(dataset)
+    if spec:  # a hub dataset: its expected size as the config states it
+        return int(spec.get("records") or spec.get("max_records") or HUB_RECORDS_GUESS)
     if dataset == "source":
         sc = data_mod.from_dict(data_mod.SourceConfig, cfg["data"]["source"])
         facts = sc.n_entities * len(sc.attributes)
@@ -201,6 +221,10 @@ def dataset_tokens(cfg: dict, dataset: str, seq_len: int, token_dir=None) -> tup
     meta = _token_meta(token_dir)
     if meta is not None:
         return int(meta["n_docs"]), int(meta["n_tokens"]), True
+    spec = cfg["data"].get("hub", {}).get(dataset) or {}
+    if spec.get("token_budget") and not spec.get("records"):
+        tokens = int(spec["token_budget"])
+        return max(1, tokens // seq_len), tokens, False
     n = dataset_records(cfg, dataset)
     return n, n * seq_len + 1, False
 

@@ -203,6 +203,8 @@ def training_table(manifest_paths: Iterable[str | os.PathLike]):
     rows = []
     for path in manifest_paths:
         m = io.read_json(path)
+        if m.get("kind") == "pretrained":  # a pretrained base model was linked, not trained
+            continue
         base = m.get("kind") == "base"
         rows.append({
             "run": "base" if base else m["run"], "part": "base" if base else m.get("part", "final"),

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from learnforget import fsdp, keep
 from learnforget.accounting import measured_peak_flops, peak_memory_mib, speed
 from learnforget.io import atomic_path, read_json, read_jsonl, sha256_file, write_json
 from learnforget.methods import MethodConfig, method_from_dict
@@ -51,7 +52,7 @@ SCHEDULE_LENGTHS = ("duration", "longest")
 PRECISIONS = ("fp32", "bf16")
 # Settings that change how a job runs but not what it computes: excluded from the comparison
 # that decides whether a checkpoint may be continued, and from Snakemake's params.
-RUNTIME_KEYS = ("threads", "save_every_steps", "save_every_minutes", "tensorboard")
+RUNTIME_KEYS = ("threads", "save_every_steps", "save_every_minutes", "tensorboard", "micro_batch_size")
 
 # How the durations of one run relate (TrainConfig.mode):
 MODES = {
@@ -70,6 +71,10 @@ class TrainConfig:
     lr: float = field(default=5e-4, metadata={"help": "Peak learning rate."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per optimizer step (the global batch)."})
     seq_len: int = field(default=128, metadata={"help": "Tokens per sequence (CPT window / IFT truncation)."})
+    micro_batch_size: int | None = field(default=None, metadata={
+        "help": "Sequences per forward/backward pass of a process; the batch is accumulated over passes "
+                "(null: a process's whole share of the batch at once). Changes memory, not results "
+                "(up to float rounding), so changing it retrains nothing."})
     optimizer: str = field(default="adamw", metadata={
         "help": "adamw (torch.optim.AdamW) or lion (decoupled Lion, the paper's; weight decay follows the schedule)."})
     betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "Adam/Lion betas."})
@@ -117,6 +122,8 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "threads"):
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
                 bad(name, "must be a positive integer")
+        if self.micro_batch_size is not None and not (is_int(self.micro_batch_size) and self.micro_batch_size >= 1):
+            bad("micro_batch_size", "must be a positive integer or null")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         if not (isinstance(self.betas, (list, tuple)) and len(self.betas) == 2
@@ -261,24 +268,30 @@ class Dist:
     """The process's place in a (possibly) multi-process job launched by accelerate/torchrun.
 
     One process: no accelerate, no process group. Several (``WORLD_SIZE`` > 1 in the
-    environment): an :class:`accelerate.Accelerator` wraps the model in DDP (gloo on CPU, nccl on
-    GPU); each process takes every ``world``-th row of the global batch, and the loss is scaled so
-    that the averaged gradients equal the one-process gradient of the whole batch.
+    environment): an :class:`accelerate.Accelerator` sets up the process group (gloo on CPU, nccl
+    on GPU) and wraps the model in DDP; each process takes every ``world``-th row of the global
+    batch, and the loss is scaled so that the averaged gradients equal the one-process gradient
+    of the whole batch. Full finetuning over several processes (``method`` of ``type: full``) is
+    sharded with FSDP2 instead of replicated (:mod:`learnforget.fsdp`): weights, gradients and
+    optimizer state are split over the processes, and gathered on the main one to save.
     """
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", method: MethodConfig | None = None):
         import os
 
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = torch.device(device)
         self.accelerator = None
+        self.fsdp, self.mesh = False, None
         if self.world > 1 or self.device.type == "cuda":
             from accelerate import Accelerator
 
             self.accelerator = Accelerator(cpu=self.device.type == "cpu", mixed_precision="no")
             self.device = self.accelerator.device
             self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        if method is not None and fsdp.wanted(method, self.world):
+            self.fsdp, self.mesh = True, fsdp.device_mesh(self.device)
 
     @property
     def is_main(self) -> bool:
@@ -299,9 +312,12 @@ class Dist:
         return self.accelerator.unwrap_model(model) if self.accelerator is not None else model
 
 
-def _state(step, tokens, loss_tokens, elapsed, batches, opt, schedule_total, cfg) -> dict:
+def _state(step, tokens, loss_tokens, elapsed, batches, opt, schedule_total, cfg, model=None) -> dict:
+    """The resumable training state. ``model``: the FSDP-sharded model, whose optimizer state is
+    gathered to the main process (a collective: every process calls this; others get None)."""
+    optimizer = fsdp.full_optimizer_state_dict(model, opt) if model is not None else opt.state_dict()
     return {"step": step, "tokens": tokens, "loss_tokens": loss_tokens, "elapsed": elapsed,
-            "position": list(batches.position), "optimizer": opt.state_dict(), "rng": _rng_state(),
+            "position": list(batches.position), "optimizer": optimizer, "rng": _rng_state(),
             "schedule_total": schedule_total, "train_cfg": cfg.to_dict()}
 
 
@@ -343,16 +359,22 @@ def train(
     dist = dist or Dist()
     torch.set_num_threads(cfg.threads)
     sched = cfg.schedule_fn(schedule_total)
-    if dist.accelerator is not None:
+    sharded = None  # the FSDP-sharded model (full finetuning over several processes)
+    if dist.fsdp:
+        model = sharded = fsdp.shard_model(model, dist.mesh, precision=cfg.precision)
+    elif dist.accelerator is not None:
         model = dist.accelerator.prepare(model)
     opt = make_optimizer(dist.unwrap(model), cfg, method)
-    if dist.accelerator is not None:
+    if dist.accelerator is not None and not dist.fsdp:
         opt = dist.accelerator.prepare(opt)
     params = [p for g in opt.param_groups for p in g["params"]]
     if state is not None:
         if int(state["step"]) != start_step:
             raise ValueError(f"state is at step {state['step']} but start_step is {start_step}")
-        opt.load_state_dict(state["optimizer"])
+        if dist.fsdp:  # the main process's full optimizer state, scattered to the shards
+            fsdp.load_full_optimizer_state_dict(sharded, opt, state["optimizer"] if dist.is_main else None)
+        else:
+            opt.load_state_dict(state["optimizer"])
         batches.set_position(state["position"])
         _set_rng_state(state["rng"])
         tokens, loss_tokens, elapsed = int(state["tokens"]), int(state["loss_tokens"]), float(state["elapsed"])
@@ -375,7 +397,9 @@ def train(
             raise RuntimeError("train.tensorboard is on but the tensorboard package is not installed "
                                "(pip install tensorboard)") from exc
         tb = SummaryWriter(str(tensorboard_dir))
-    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    # bf16: autocast, or under FSDP its mixed-precision policy (bf16 compute, fp32 shards)
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16,
+                              enabled=cfg.precision == "bf16" and not dist.fsdp)
     model.train()
     log = open(log_path, "a", encoding="utf-8") if (log_path and dist.is_main) else None
     bar = tqdm(total=end_step - start_step, desc=desc, disable=not (progress and dist.is_main),
@@ -387,23 +411,37 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr
             items = batches.next_items()
-            batch = batches.make_batch(items[dist.rank::dist.world])
-            n_tok, n_loss = dist.sum([batch.n_tokens, batch.n_loss_tokens])
-            with autocast:
-                logits = model(input_ids=batch.input_ids.to(dist.device), use_cache=False).logits
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                 batch.targets.to(dist.device).reshape(-1), ignore_index=IGNORE_INDEX,
-                                 reduction="sum")
-            # mean over the global batch's loss tokens; DDP averages gradients over processes
-            loss = ce * (dist.world / n_loss) if n_loss else logits.sum() * 0.0
-            reg = method.regularizer(dist.unwrap(model)) if method is not None else None
+            mine = items[dist.rank::dist.world]
+            mb = cfg.micro_batch_size or max(1, len(mine))
+            # gradient accumulation: the process's share in passes of micro_batch_size sequences
+            parts = [batches.make_batch(mine[i:i + mb]) for i in range(0, max(1, len(mine)), mb)]
+            n_tok, n_loss = dist.sum([sum(b.n_tokens for b in parts), sum(b.n_loss_tokens for b in parts)])
             opt.zero_grad(set_to_none=True)
-            total = loss if reg is None else loss + reg
-            if dist.accelerator is not None:
-                dist.accelerator.backward(total)
-            else:
-                total.backward()
-            if cfg.grad_clip > 0 and dist.accelerator is not None:
+            ce = 0.0
+            for i, batch in enumerate(parts):
+                last = i == len(parts) - 1
+                sync = contextlib.nullcontext() if last or dist.accelerator is None or dist.fsdp \
+                    else dist.accelerator.no_sync(model)
+                with sync:
+                    with autocast:
+                        logits = model(input_ids=batch.input_ids.to(dist.device), use_cache=False).logits
+                    ce_part = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                              batch.targets.to(dist.device).reshape(-1),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+                    # mean over the global batch's loss tokens; DDP averages gradients over processes
+                    loss = ce_part * (dist.world / n_loss) if n_loss else logits.sum() * 0.0
+                    if last and method is not None:
+                        reg = method.regularizer(dist.unwrap(model))
+                        if reg is not None:
+                            loss = loss + reg
+                    if dist.accelerator is not None and not dist.fsdp:
+                        dist.accelerator.backward(loss)
+                    else:
+                        loss.backward()
+                ce = ce + ce_part.detach()
+            if dist.fsdp:  # the global norm over every shard (clipping when grad_clip > 0)
+                gnorm = fsdp.clip_grad_norm(params, cfg.grad_clip)
+            elif cfg.grad_clip > 0 and dist.accelerator is not None:
                 gnorm = float(dist.accelerator.clip_grad_norm_(params, cfg.grad_clip))
             elif cfg.grad_clip > 0:
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=False))
@@ -434,9 +472,10 @@ def train(
                   (cfg.save_every_minutes and now - last_snap >= 60 * cfg.save_every_minutes)
             if snapshot is not None and due and step + 1 < end_step:
                 snap_state = _state(step + 1, tokens, loss_tokens, elapsed + now - t0, batches, opt,
-                                    schedule_total, cfg)
+                                    schedule_total, cfg, sharded)
+                plain = fsdp.unsharded_model(sharded) if dist.fsdp else dist.unwrap(model)
                 if dist.is_main:
-                    snapshot(dist.unwrap(model), snap_state)
+                    snapshot(plain, snap_state)
                 dist.barrier()
                 last_snap = time.perf_counter()
     finally:
@@ -446,7 +485,9 @@ def train(
         if tb is not None:
             tb.close()
     elapsed += time.perf_counter() - t0
-    return dist.unwrap(model), _state(end_step, tokens, loss_tokens, elapsed, batches, opt, schedule_total, cfg)
+    final = _state(end_step, tokens, loss_tokens, elapsed, batches, opt, schedule_total, cfg, sharded)
+    # under FSDP the main process gets the gathered, plain model (the others None: they do not save)
+    return (fsdp.unsharded_model(sharded) if dist.fsdp else dist.unwrap(model)), final
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -457,6 +498,14 @@ def _dir_fingerprint(root: Path, names: Sequence[str]) -> str:
         if (root / name).is_file():
             h.update(name.encode() + b"\0" + sha256_file(root / name).encode())
     return h.hexdigest()
+
+
+def _base_fingerprint(base_dir: Path) -> str:
+    """sha256 over the base model's config and weights (a sharded model's index and shards
+    too; a single-file model's fingerprint is as it always was)."""
+    shards = sorted(p.name for p in base_dir.glob("model-*.safetensors"))
+    return _dir_fingerprint(base_dir, ("config.json", "model.safetensors", *(
+        ["model.safetensors.index.json", *shards] if shards else [])))
 
 
 def _file_hashes(root: Path, skip: Sequence[str] = ("manifest.json",)) -> dict[str, str]:
@@ -619,17 +668,64 @@ def plan_segment(cfg: TrainConfig, method: MethodConfig, part: str, steps: int, 
 
 def _load_point(m: MethodConfig, base_dir, ckpt: Path, total_steps):
     """Model (trainable), state and log of a checkpoint or resume folder."""
-    state = torch.load(ckpt / "state.pt", weights_only=True)
+    state = torch.load(ckpt / "state.pt", weights_only=True, mmap=True)
     model = m.load(base_dir, ckpt, total_steps=total_steps)
     m.load_extra_state(model, state.get("method", {}))
     log = read_jsonl(ckpt / "train_log.jsonl") if (ckpt / "train_log.jsonl").exists() else []
     return model, state, log
 
 
+def _load_origin(m: MethodConfig, base_dir, prev: Path, run_cfg: dict, plan: dict):
+    """What a job continuing from ``prev`` starts from: ``(checkpoint, model, state, log)`` of
+    ``prev``, or, when the keep policy dropped its training state (learnforget.keep), of the
+    nearest earlier checkpoint of its chain (``continued_from`` in each manifest) that still
+    has it, intact and of the same run; None: none has, train from the base. Replaying the
+    steps in between gives the same weights as continuing (bitwise on CPU)."""
+    from learnforget import integrity
+
+    for _attempt in range(3):  # a concurrent job may drop a state between the check and the load
+        origin, seen = prev, set()
+        while origin is not None and not keep.has_training_state(origin):
+            seen.add(origin.resolve())
+            earlier = read_json(origin / "manifest.json").get("continued_from")
+            origin = Path(earlier) if earlier else None
+            if origin is None or origin.resolve() in seen or not (origin / "manifest.json").is_file():
+                origin = None
+                break
+            try:
+                integrity.verify(origin)
+                _check_same_run(read_json(origin / "manifest.json").get("run_cfg", {}), run_cfg, origin, plan["mode"])
+            except (integrity.CorruptCheckpoint, ValueError) as exc:
+                log_info(f"not replaying from {origin} ({exc}); training from the base")
+                origin = None
+                break
+        if origin is None:
+            return None
+        try:
+            return (origin, *_load_point(m, base_dir, origin, plan["method_total"]))
+        except FileNotFoundError:
+            if keep.has_training_state(origin):
+                raise
+    raise RuntimeError(f"the training state of {prev}'s chain kept disappearing while it was loaded")
+
+
 def _write_point(m: MethodConfig, model, state: dict, tmp: Path, tokenizer=None) -> None:
     m.save(model, tmp / "model", tokenizer)
     m.save_state(model, tmp)
     torch.save({**state, "method": m.extra_state(model)}, tmp / "state.pt")
+
+
+def _write_card(m: MethodConfig, model_dir: Path, *, base_dir, run, regime, token_dir, td, duration, unit, state,
+                epochs, part, cfg, final_loss) -> None:
+    """The adapter's model card (learnforget.modelcard): data, method, duration; no scores yet."""
+    from learnforget import modelcard
+
+    text = modelcard.training_card(
+        base_model=modelcard.base_model_of(model_dir, str(base_dir)), run=run, method=m.to_dict(), regime=regime,
+        dataset=Path(token_dir).name, data_meta=td.meta, duration=duration, unit=unit, step=state["step"],
+        tokens=state["tokens"], epochs=epochs, part=part, train=cfg.result_dict(), seed=cfg.seed,
+        final_loss=final_loss)
+    modelcard.write_card(model_dir, text)
 
 
 def finetune(
@@ -670,7 +766,7 @@ def finetune(
         cfg = dataclasses.replace(cfg, seed=int(seed))
     m = method if isinstance(method, MethodConfig) else method_from_dict(method)
     torch.set_num_threads(cfg.threads)
-    dist = Dist(device)
+    dist = Dist(device, method=m)
     durations = sorted({float(d) for d in (durations or [duration])} | {duration})
 
     tokenizer = _load_tokenizer(base_dir)
@@ -685,10 +781,11 @@ def finetune(
     run_cfg = {"base_dir": str(base_dir), "token_dir": str(token_dir), "regime": regime, "packing": packing,
                "method": m.to_dict(), "train_cfg": cfg.result_dict(), "unit": unit, "durations": durations,
                "tokens_sha256": _dir_fingerprint(Path(token_dir), ("ids.npy", "mask.npy", "offsets.npy")),
-               "base_sha256": _dir_fingerprint(Path(base_dir), ("config.json", "model.safetensors"))}
+               "base_sha256": _base_fingerprint(Path(base_dir))}
     job = {"part": part, "end_step": end_step, "schedule_total": schedule_total}
 
     state, prev_log, continued_from, resumed_from, note, seg_start = None, [], None, None, None, None
+    continued_fp = None  # sha256 of the manifest of the checkpoint continued from (learnforget.keep)
     snap = Path(resume_dir) if resume_dir is not None else None
     if snap is not None and (snap / "job.json").exists():
         saved = read_json(snap / "job.json")
@@ -696,6 +793,7 @@ def finetune(
             model, state, prev_log = _load_point(m, base_dir, snap, plan["method_total"])
             resumed_from = int(state["step"])
             continued_from, seg_start = saved.get("continued_from"), saved.get("start_step")
+            continued_fp, note = saved.get("continued_from_manifest"), saved.get("note")
             log_info(f"resuming {run_name or m.type} from its snapshot at step {resumed_from} ({snap})")
         elif dist.is_main:
             log_info(f"ignoring the snapshot in {snap}: it belongs to another job or configuration")
@@ -706,13 +804,20 @@ def finetune(
     elif state is None and prev_checkpoint_dir is not None:
         prev = Path(prev_checkpoint_dir)
         _check_same_run(read_json(prev / "manifest.json").get("run_cfg", {}), run_cfg, prev, plan["mode"])
-        model, state, prev_log = _load_point(m, base_dir, prev, plan["method_total"])
-        if state["step"] > end_step:
-            raise ValueError(f"{prev} is at step {state['step']}, beyond this job's {end_step} steps")
-        if plan["mode"] == "longest" and state["schedule_total"] != schedule_total:
-            raise ValueError(f"{prev} used a schedule of {state['schedule_total']} steps, this run {schedule_total}")
-        state["schedule_total"] = schedule_total
-        continued_from = str(prev)
+        loaded = _load_origin(m, base_dir, prev, run_cfg, plan)
+        if loaded is not None:
+            origin, model, state, prev_log = loaded
+            if state["step"] > end_step:
+                raise ValueError(f"{origin} is at step {state['step']}, beyond this job's {end_step} steps")
+            if plan["mode"] == "longest" and state["schedule_total"] != schedule_total:
+                raise ValueError(f"{origin} used a schedule of {state['schedule_total']} steps, "
+                                 f"this run {schedule_total}")
+            state["schedule_total"] = schedule_total
+            continued_from, continued_fp = str(origin), keep.manifest_fingerprint(origin)
+        if continued_from != str(prev):
+            note = (f"the training state of {prev} was dropped by the keep policy: replayed from "
+                    f"{continued_from or 'the base'}")
+            log_info(note)
     elif state is None and plan["from"] == "trunk":
         raise ValueError("a cool-down branch needs its trunk checkpoint (prev_checkpoint_dir)")
     if state is None:
@@ -731,6 +836,7 @@ def finetune(
             _write_point(m, model_now, state_now, tmp)
             shutil.copyfile(live_log, tmp / "train_log.jsonl")
             write_json(tmp / "job.json", {"run_cfg": run_cfg, "job": job, "continued_from": continued_from,
+                                          "continued_from_manifest": continued_fp, "note": note,
                                           "start_step": seg_start})
 
     peak = measured_peak_flops(dist.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32) \
@@ -753,6 +859,10 @@ def finetune(
             dist.barrier()
             return {}
         _write_point(m, model, new_state, tmp, tokenizer)
+        if m.is_adapter:  # a model card replaces peft's template (before the manifest hashes the folder)
+            _write_card(m, tmp / "model", base_dir=base_dir, run=run_name, regime=regime, token_dir=token_dir,
+                        td=td, duration=duration, unit=unit, state=new_state, epochs=new_state["step"] /
+                        batches.steps_per_epoch, part=part, cfg=cfg, final_loss=_last_loss(live_log))
         base_cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         fpt = flops_per_token(base_cfg, cfg.seq_len)
         job_tokens = new_state["tokens"] - tokens_before
@@ -776,6 +886,7 @@ def finetune(
             "tokens": new_state["tokens"],
             "loss_tokens": new_state["loss_tokens"],
             "continued_from": continued_from,
+            "continued_from_manifest": continued_fp,
             "note": note,
             "job_train_seconds": round(job_seconds, 3),
             "job_tokens": job_tokens,
@@ -785,6 +896,7 @@ def finetune(
             "parameters": {"trainable": trainable, "total": total},
             "method_summary": m.summary(model),
             "processes": dist.world,
+            "fsdp": dist.fsdp,
             "device": str(dist.device),
             "precision": cfg.precision,
             "threads": cfg.threads,

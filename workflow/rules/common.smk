@@ -15,16 +15,33 @@ except lfconfig.ConfigError as exc:
 config.clear()
 config.update(lfconfig.as_hashable(_validated))
 
-from learnforget import evaluation as lfeval, hub
+from learnforget import evaluation as lfeval, hub, sources
 
-try:  # hub datasets of lm-eval built-in tasks: cached, copied locally or reachable
-    hub.check_tasks(
+# Hub models and datasets (the pretrained model, data.hub datasets, lm-eval tasks' datasets)
+# must be local, cached or reachable: otherwise stop before any job starts. A dry run runs no
+# job, so it only warns (a study for a cluster can be planned on a laptop offline).
+_DRY_RUN = lfconfig.dry_run_requested(sys.argv)
+for _check in (
+    lambda: sources.check_available(config, datasets=lfconfig.token_datasets(config)),
+    lambda: hub.check_tasks(
         lfeval.hub_tasks(config["evaluation"]), config["evaluation"]["datasets"]
-    )
-except hub.DatasetUnavailable as exc:
-    sys.exit(f"learn-forget: {exc}")
+    ),
+):
+    try:
+        _check()
+    except (hub.DatasetUnavailable, sources.SourceUnavailable) as exc:
+        if not _DRY_RUN:
+            sys.exit(f"learn-forget: {exc}")
+        if workflow.is_main_process:
+            print(
+                f"learn-forget: warning (a real run stops here): {exc}", file=sys.stderr
+            )
 
 R = config["output_dir"]
+# With a pretrained model, its folder (rule base links it) holds the tokenizer too.
+PRETRAINED = lfconfig.is_pretrained(config)
+TOKENIZER = f"{R}/base/model" if PRETRAINED else f"{R}/tokenizer"
+HUB_DATA = config["data"]["hub"]
 
 if workflow.is_main_process:  # damaged checkpoints are moved aside (kept) and rebuilt
     from learnforget import integrity
@@ -80,15 +97,34 @@ def data_files():
 
 
 def tokenize_input(wildcards):
-    path, _regime = lfconfig.DATASETS[wildcards.dataset]
-    return {"tokenizer": f"{R}/tokenizer", "data": f"{R}/data/{path}"}
+    if wildcards.dataset in HUB_DATA:
+        data = f"{R}/data/hub/{wildcards.dataset}.jsonl"
+    else:
+        data = f"{R}/data/{lfconfig.DATASETS[wildcards.dataset][0]}"
+    return {"tokenizer": TOKENIZER, "data": data}
 
 
 def tokenize_params(wildcards):
     path, regime = lfconfig.DATASETS[wildcards.dataset]
     domain = wildcards.dataset.split("_")[0]
-    template = lfconfig.IFT_TEMPLATES.get(domain) if regime == "ift" else None
+    if regime == "cpt":
+        template = None
+    elif wildcards.dataset in HUB_DATA:  # rendered by its data.hub templates already
+        template = ("{prompt}", "{response}")
+    else:
+        template = lfconfig.IFT_TEMPLATES.get(domain)
     return {"regime": regime, "template": template}
+
+
+def hub_data_params(wildcards):
+    return {
+        "spec": lfconfig.as_hashable(HUB_DATA[wildcards.dataset]),
+        "regime": lfconfig.DATASETS[wildcards.dataset][1],
+    }
+
+
+def base_fetch_params(wildcards):
+    return lfconfig.as_hashable(sources.model_source(config["model"]))
 
 
 def base_tokens(wildcards):
@@ -216,7 +252,7 @@ def all_evaluations(wildcards=None):
         paths.append(f"{R}/evals/{r}/{d}.json")
         if scored(r, d):
             paths.append(f"{R}/evals/{r}/{d}.scored.json")
-    return paths
+    return paths + compose_evaluations()  # composites (compose.enabled) too
 
 
 def all_training_jobs(wildcards=None):
@@ -274,7 +310,15 @@ try:
     TRAIN_PLANS = lfresources.train_plans(config, RUNS.values())
 except ValueError as exc:
     _error = lfconfig.ConfigError("resources.gpu", " ".join(str(exc).split()))
-    sys.exit(f"learn-forget: {_error}")
+    if not _DRY_RUN:
+        sys.exit(f"learn-forget: {_error}")
+    if workflow.is_main_process:
+        print(
+            f"learn-forget: warning (a real run stops here): {_error}", file=sys.stderr
+        )
+    TRAIN_PLANS = lfresources.train_plans(
+        config, RUNS.values(), fallback_gpus=config["resources"]["max_gpus"]
+    )
 if workflow.is_main_process and lfresources.wants_gpus(config):
     for _line in lfresources.plan_lines(config, RUNS.values(), TRAIN_PLANS, R):
         print(_line, file=sys.stderr)
@@ -333,3 +377,127 @@ def analyze_mem_mb(wildcards):
 
 def analyze_runtime(wildcards, attempt):
     return config["resources"]["analyze"]["runtime"] * attempt
+
+
+# ----------------------------------------------------------------------------- compose, cards
+# Composites of the study's LoRA adapters (learnforget.compose, config `compose`), and the
+# model cards with scores of every adapter checkpoint (learnforget.modelcard).
+from types import SimpleNamespace
+
+from learnforget import compose as lfcompose
+
+COMPOSE = lfcompose.plan(config)
+COMPOSITES = list(COMPOSE["composites"]) if COMPOSE else []
+
+
+def _compose_dataset():
+    t = COMPOSE["target"]
+    return SimpleNamespace(dataset=f"{t['domain']}_{t['regime']}")
+
+
+def compose_input(wildcards):
+    """The base, the combined checkpoints and the target examples' data file."""
+    t = COMPOSE["target"]
+    if t["split"] == "train":  # the data the runs of that domain and regime train on
+        data = tokenize_input(_compose_dataset())["data"]
+    else:
+        data = data_files()[f"{t['domain']}_{t['split']}"]
+    return {
+        "base": checkpoint_input(SimpleNamespace(run="base", duration="0"))["base"],
+        "adapters": [f"{R}/runs/{r}/{COMPOSE['adapters'][r]}" for r in COMPOSE["runs"]],
+        "data": data,
+    }
+
+
+def compose_params(wildcards):
+    return lfconfig.as_hashable(COMPOSE)
+
+
+def compose_template(wildcards):
+    """The instruction template of the target examples (as the runs' data is tokenized)."""
+    if COMPOSE["target"]["regime"] != "ift":
+        return None
+    if COMPOSE["target"]["split"] == "train":
+        return tokenize_params(_compose_dataset())["template"]
+    return lfconfig.IFT_TEMPLATES.get(COMPOSE["target"]["domain"])
+
+
+def compose_adapter_dirs():
+    return [f"{R}/compose/adapters/{c}" for c in COMPOSITES]
+
+
+def composite_evaluate_input(wildcards):
+    return {
+        "base": checkpoint_input(SimpleNamespace(run="base", duration="0"))["base"],
+        "checkpoint": f"{R}/compose/adapters/{wildcards.composite}",
+        **data_files(),
+        "task_files": task_dir_files(),
+    }
+
+
+def composite_eval_params(wildcards):
+    """The base's evaluation plan (every learning group and the forgetting group) without the
+    sampled tasks, which would need a scoring job."""
+    settings = lfconfig.eval_params(config, None)
+    settings["plan"] = [item for item in settings["plan"] if not item["sampling"]]
+    return lfconfig.as_hashable(settings)
+
+
+def composite_meta(wildcards):
+    t = COMPOSE["target"]
+    return lfconfig.as_hashable(
+        {
+            "run": wildcards.composite,
+            "method": lfcompose.METHOD,
+            "method_type": lfcompose.METHOD,
+            "kind": COMPOSE["composites"][wildcards.composite]["kind"],
+            "domain": t["domain"],
+            "regime": t["regime"],
+            "seed": t["seed"],
+            "rank": None,
+            "series": wildcards.composite,
+            "lr": None,
+            "duration": max(COMPOSE["durations"].values()),
+            "unit": COMPOSE["unit"],
+        }
+    )
+
+
+def composite_mem_mb(wildcards):
+    return lfresources.evaluate_mem_mb(config, RUNS[next(iter(COMPOSE["adapters"]))])
+
+
+def compose_evaluations(wildcards=None):
+    return [f"{R}/compose/evals/{c}.json" for c in COMPOSITES]
+
+
+def compose_report_input(wildcards=None):
+    """What the report reads of the compose stage: the search's record (nothing when it is off)."""
+    return [f"{R}/compose/{lfcompose.SEARCH_JSON}"] if COMPOSE else []
+
+
+def adapter_checkpoints():
+    """(run, duration label) of every adapter checkpoint of the study, composites included."""
+    pairs = [(r.name, d) for r in RUNS.values() if r.is_adapter for d in r.labels]
+    if COMPOSE:
+        label = lfconfig.format_duration(max(COMPOSE["durations"].values()))
+        pairs += [(c, label) for c in COMPOSITES]
+    return pairs
+
+
+def cards_input(wildcards):
+    dirs = [
+        f"{R}/compose/adapters/{r}" if r in COMPOSITES else f"{R}/runs/{r}/{d}"
+        for r, d in adapter_checkpoints()
+    ]
+    return {"metrics": f"{R}/metrics.csv", "checkpoints": dirs}
+
+
+def cards_params(wildcards):
+    return [[r, d] for r, d in adapter_checkpoints()]
+
+
+def compose_outputs():
+    """The scored model cards, when the study has adapter checkpoints (the composites
+    reach the default target through the report's evaluations)."""
+    return [f"{R}/cards"] if adapter_checkpoints() else []

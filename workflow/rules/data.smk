@@ -1,4 +1,4 @@
-# Offline corpora, the tokenizer, and token files.
+# Offline corpora, hub datasets (data.hub), the tokenizer, and token files.
 
 
 rule data_source:
@@ -49,6 +49,21 @@ rule data_code:
         seed=config["seed"],
     script:
         "../scripts/data.py"
+
+
+rule data_hub:
+    input:
+        tokenizer=TOKENIZER,
+    output:
+        f"{R}/data/hub/{{dataset}}.jsonl",
+    log:
+        f"{R}/logs/data/hub-{{dataset}}.log",
+    conda:
+        ENV
+    params:
+        p=hub_data_params,
+    script:
+        "../scripts/data_hub.py"
 
 
 rule tokenizer:

@@ -17,6 +17,7 @@ rule evaluate:
         ENV
     threads: config["threads"]["evaluate"]
     resources:
+        gpu=config["resources"]["evaluate"]["gpu"],
         mem_mb=evaluate_mem_mb,
         runtime=evaluate_runtime,
     params:

@@ -9,6 +9,7 @@ rule report:
         spectral=all_spectral,
         spectra=all_spectra,
         training=all_training_jobs,
+        compose=compose_report_input,
     output:
         **figure_outputs(),
         metrics=report(

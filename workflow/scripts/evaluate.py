@@ -32,5 +32,7 @@ out = evaluate_checkpoint(
     datasets=settings["datasets"],
     log_samples_path=snakemake.output.samples,
     extra_meta=meta,
+    # on a GPU (resources.evaluate.gpu) in bfloat16, else on the CPU in float32
+    **({"device": "cuda", "dtype": "bfloat16"} if int(snakemake.resources.get("gpu", 0) or 0) else {}),
 )
 log.info("%s@%s evaluated on %s", meta["run"], meta["duration"], ", ".join(i["task"] for i in settings["plan"]))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from learnforget import figures, provenance, results
+from learnforget import figures, keep, provenance, results
 from learnforget.io import atomic_path, read_json
 from learnforget.logs import setup
 from learnforget.report import evaluation_protocol, write_report
@@ -26,12 +26,15 @@ for path, table in ((out.metrics, metrics), (out.spectral, spectral), (out.train
         table.to_csv(tmp, index=False)
 
 fig_dir = Path(out.report).parent / "figures"
+compose = read_json(snakemake.input.compose[0]) if snakemake.input.compose else None  # LoRAHub composites
+kinds = {n: c["kind"] for n, c in (compose or {}).get("composites", {}).items()}
 groups = figures.run_groups(metrics)
 run_groups = {**groups, **{run: groups[s] for run, s in series.items() if s in groups}}  # runs and series
 spectra = {(Path(p).parent.name, float(Path(p).stem)): p for p in snakemake.input.spectra}
 choice = spec["config"]["analysis"]["spectrum"]
 draw = {
-    "tradeoff": lambda: figures.tradeoff(metrics, fig_dir, learning=learning, forgetting=forgetting, name="tradeoff"),
+    "tradeoff": lambda: figures.tradeoff(metrics, fig_dir, learning=learning, forgetting=forgetting, name="tradeoff",
+                                         composites=kinds),
     "learning": lambda: figures.learning_curves(metrics, fig_dir, learning=learning, name="learning"),
     "forgetting": lambda: figures.forgetting_curves(metrics, fig_dir, forgetting=forgetting, name="forgetting"),
     "sensitivity": lambda: figures.sensitivity(metrics, fig_dir, learning=learning, forgetting=forgetting),
@@ -61,5 +64,6 @@ for path in snakemake.input.evals:  # the shots lm-eval actually used (the base 
         n_shot.update(read_json(path).get("n-shot") or {})
 write_report(metrics, spectral, pngs, out.report, config=spec["config"], provenance=prov,
              learning=learning, forgetting=forgetting, title=None,
-             protocol=evaluation_protocol(spec["groups"], n_shot))
+             protocol=evaluation_protocol(spec["groups"], n_shot), disk=keep.disk_usage(results_dir, spec["runs"]),
+             compose=compose)
 log.info("report: %d metric rows, %d spectral rows, figures %s", len(metrics), len(spectral), sorted(pngs))

@@ -1,6 +1,7 @@
 """Train one job of a run: a duration's checkpoint or its trunk (learnforget.launch.finetune_job)."""
 
 from learnforget import config as lfconfig
+from learnforget import keep
 from learnforget.launch import finetune_job
 from learnforget.logs import setup
 
@@ -35,3 +36,5 @@ log.info("%s %s to %s %s (%s): step %d, %.0f tokens/s, MFU %s, final loss %.3f, 
          manifest["tokens_per_s"] or 0, manifest["mfu"], manifest["final_loss"] or float("nan"),
          manifest["continued_from"],
          f", resumed at step {manifest['resumed_from_step']}" if manifest["resumed_from_step"] else "")
+# the keep policy: older checkpoints of this run that this one supersedes drop their training state
+keep.prune_run(run, snakemake.config["output_dir"], snakemake.config["keep"]["optimizer_state"], log=log.info)

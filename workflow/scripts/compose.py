@@ -1,0 +1,15 @@
+"""Compose the study's adapters (LoRAHub): search the weights, write every composite (learnforget.compose)."""
+
+import torch
+
+from learnforget import compose
+from learnforget.io import read_jsonl
+from learnforget.logs import setup
+
+log = setup(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+spec = snakemake.params.spec
+adapters = dict(zip(spec["runs"], snakemake.input.adapters))  # in the config's order
+out_dirs = dict(zip(snakemake.params.composites, snakemake.output.adapters))
+compose.run(snakemake.input.base, adapters, read_jsonl(snakemake.input.data), spec, out_dirs,
+            snakemake.output.search, template=snakemake.params.template, log=log.info)
