@@ -522,7 +522,11 @@ def tradeoff(metrics: pd.DataFrame, out_dir, *, learning: Mapping, forgetting, n
                 ax.invert_yaxis()
             if not x_hi:
                 ax.invert_xaxis()
-            ax.legend(loc="best")
+            n_entries = len(ax.get_legend_handles_labels()[1])
+            if n_entries > 4:  # many series or composites: below the panel, never over a point
+                ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=7.5)
+            else:
+                ax.legend(loc="best")
         fig.suptitle("Learning vs forgetting (labels: training duration)", fontsize=12, y=1.01)
         fig.tight_layout()
         files = _save(fig, out_dir, name)
