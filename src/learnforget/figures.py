@@ -524,7 +524,7 @@ def tradeoff(metrics: pd.DataFrame, out_dir, *, learning: Mapping, forgetting, n
                 ax.invert_xaxis()
             n_entries = len(ax.get_legend_handles_labels()[1])
             if n_entries > 4:  # many series or composites: below the panel, never over a point
-                ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=7.5)
+                ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.34), ncol=2, fontsize=7.5)
             else:
                 ax.legend(loc="best")
         fig.suptitle("Learning vs forgetting (labels: training duration)", fontsize=12, y=1.01)
