@@ -363,3 +363,28 @@ def test_resources_schema_and_no_effect_on_what_trains():
     for (name, ra), rb in zip(_runs(a).items(), _runs(b).values()):
         for label in ra.labels:
             assert ra.train_params(label) == rb.train_params(label), name
+
+
+def test_max_runtime_buys_gpus_for_long_runs_and_flags_what_still_does_not_fit():
+    """resources.max_runtime: with gpu: auto, a run whose longest job outlasts the limit on the
+    GPUs its memory needs gets more (the runtime estimate falls with the count), up to max_gpus;
+    a job still too long is flagged in its plan line."""
+    durations = {"unit": "tokens", "values": [2.0e8, 1.0e9]}
+    base = {"gpu": "auto", "gpu_memory_gb": 141}
+    short = {"seq_len": 512}
+    cfg = _config(LLAMA_7B, base, finetune=short, durations=durations)
+    run = _runs(cfg)["math-lora"]
+    by_memory = lfres.train_plan(cfg, run)
+    minutes = lfres.longest_job_minutes(cfg, run, by_memory["gpus"])
+    assert by_memory["gpus"] == 1 and "over_runtime" not in by_memory
+    # a limit of half the single-GPU time needs 2 GPUs
+    cfg2 = _config(LLAMA_7B, {**base, "max_runtime": minutes // 2 + 1}, finetune=short, durations=durations)
+    two = lfres.train_plan(cfg2, run)
+    assert two["gpus"] == 2 and two["over_runtime"] is False and "resources.max_runtime" in two["summary"]
+    assert lfres.longest_job_minutes(cfg2, run, 2) <= minutes // 2 + 1 < lfres.longest_job_minutes(cfg2, run, 1)
+    # a limit no GPU count meets: max_gpus, flagged in the dry-run line
+    cfg3 = _config(LLAMA_7B, {**base, "max_runtime": 1, "max_gpus": 4}, finetune=short, durations=durations)
+    plans = lfres.train_plans(cfg3, [run])
+    assert plans[run.name]["gpus"] == 4 and plans[run.name]["over_runtime"] is True
+    line = lfres.plan_lines(cfg3, [run], plans)[0]
+    assert "longer than resources.max_runtime (1 min) even on 4 GPUs" in line

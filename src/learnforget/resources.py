@@ -102,8 +102,20 @@ def train_plan(cfg: dict, run) -> dict[str, Any]:
     if gpu == AUTO:
         job = planner.gpu_plan_for_job(cfg["model"], run.method, run.train, res["gpu_memory_gb"], vocab_size=vocab,
                                        max_gpus=res["max_gpus"], margin=MARGIN, name=run.name, **layout)
-        return {"gpus": job["gpus"], "mem_mb": job["mem_mb"], "per_gpu_mb": job["per_gpu_mb"], "fits": True,
-                "mode": "auto", "summary": job["summary"]}
+        out = {"gpus": job["gpus"], "mem_mb": job["mem_mb"], "per_gpu_mb": job["per_gpu_mb"], "fits": True,
+               "mode": "auto", "summary": job["summary"]}
+        limit = res.get("max_runtime")
+        if not limit:
+            return out
+        # more GPUs than memory needs when the longest job would outlast the cluster's time limit
+        n = job["gpus"]
+        while longest_job_minutes(cfg, run, n) > limit and n < min(res["max_gpus"], tc.batch_size):
+            n += 1
+        if n != job["gpus"]:
+            out = {**train_plan({**cfg, "resources": {**res, "gpu": n}}, run), "mode": "auto"}
+            out["summary"] += f" ({n} GPUs rather than {job['gpus']}: resources.max_runtime {limit} min)"
+        out["over_runtime"] = longest_job_minutes(cfg, run, n) > limit
+        return out
     n = int(gpu)
     mb = math.ceil(tc.batch_size / n)
     plan = planner.estimate(cfg["model"], run.method, micro_batch=min(mb, tc.micro_batch_size or mb), seq_len=tc.seq_len,
@@ -114,6 +126,13 @@ def train_plan(cfg: dict, run) -> dict[str, Any]:
     return {"gpus": n, "mem_mb": int(math.ceil(host / MiB)), "per_gpu_mb": int(math.ceil(plan.total / MiB)),
             "fits": plan.total <= (1 - MARGIN) * res["gpu_memory_gb"] * GiB, "mode": "fixed",
             "summary": plan.summary()}
+
+
+def longest_job_minutes(cfg: dict, run, gpus: int) -> int:
+    """The estimated runtime in minutes of ``run``'s longest job (trunks included) on ``gpus``
+    GPUs, before tokenization (:func:`train_runtime` without a token folder)."""
+    jobs = [(lab, "trunk") for lab in run.trunk_labels] + [(lab, "final") for lab in run.labels]
+    return max(train_runtime(cfg, run, lab, part, gpus=gpus) for lab, part in jobs)
 
 
 def train_plans(cfg: dict, runs: Iterable, *, fallback_gpus: int | None = None) -> dict[str, dict[str, Any]]:
@@ -354,6 +373,9 @@ def plan_lines(cfg: dict, runs: Iterable, plans: dict[str, dict], results_dir: s
         how = {"auto": "auto", "fixed": "resources.gpu", "cpu": "CPU"}[p["mode"]]
         warn = "" if p["fits"] else (f" WARNING: {p['per_gpu_mb'] / 1024:.1f} GiB per GPU exceeds the usable "
                                      f"{(1 - MARGIN) * cfg['resources']['gpu_memory_gb']:.1f} GiB of one GPU")
+        if p.get("over_runtime"):
+            warn += (f" WARNING: a job runs longer than resources.max_runtime "
+                     f"({cfg['resources']['max_runtime']} min) even on {p['gpus']} GPUs")
         lines.append(f"learn-forget plan: train {run.name}: {p['gpus']} GPU(s) ({how}), host {p['mem_mb']} MiB, runtime in "
                      f"minutes by duration in {run.unit}: {', '.join(times)}"
                      f"{' (estimated before tokenization)' if estimated else ''}{warn}; {p['summary']}")
