@@ -187,14 +187,31 @@ def hub_snapshot(path: str) -> Path | None:
     a copy of the repository (or of the files downloaded so far) that ``load_dataset`` can
     read as a local directory.
     """
-    repo = hub_cache_dir() / ("datasets--" + path.replace("/", "--"))
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        main = repo / "snapshots" / ref.read_text(encoding="utf-8").strip()
-        if main.is_dir() and any(main.iterdir()):
-            return main
+    return cached_snapshot(path, "dataset")
+
+
+def cached_snapshot(repo_id: str, repo_type: str = "model", revision: str | None = None,
+                    needs: Callable[[Path], bool] | None = None) -> Path | None:
+    """The hub cache snapshot of ``repo_id`` (``models--ORG--NAME`` or ``datasets--...``) that
+    ``needs`` accepts (default: any non-empty one): ``revision`` as a ref or a commit, else
+    ``refs/main``, else the newest."""
+    repo = hub_cache_dir() / f"{repo_type}s--{repo_id.replace('/', '--')}"
     snapshots = repo / "snapshots"
-    found = [s for s in snapshots.iterdir() if s.is_dir() and any(s.iterdir())] if snapshots.is_dir() else []
+    if not snapshots.is_dir():
+        return None
+    ok = needs or (lambda p: any(p.iterdir()))
+    ref = repo / "refs" / (revision or "main")
+    candidates = []
+    if ref.is_file():
+        candidates.append(snapshots / ref.read_text(encoding="utf-8").strip())
+    if revision:
+        candidates.append(snapshots / revision)
+    for c in candidates:
+        if c.is_dir() and ok(c):
+            return c
+    if revision:  # a named revision that is not cached is not replaced by another one
+        return None
+    found = [s for s in snapshots.iterdir() if s.is_dir() and ok(s)]
     return max(found, key=lambda s: s.stat().st_mtime, default=None)
 
 

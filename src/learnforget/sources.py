@@ -98,31 +98,6 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~"))
 
 
-def cached_snapshot(repo_id: str, repo_type: str = "model", revision: str | None = None,
-                    needs: Callable[[Path], bool] | None = None) -> Path | None:
-    """The hub cache snapshot of ``repo_id`` (``models--ORG--NAME`` or ``datasets--...``) that
-    ``needs`` accepts (default: any non-empty one): ``revision`` as a ref or a commit, else
-    ``refs/main``, else the newest."""
-    repo = hub.hub_cache_dir() / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    snapshots = repo / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ok = needs or (lambda p: any(p.iterdir()))
-    ref = repo / "refs" / (revision or "main")
-    candidates = []
-    if ref.is_file():
-        candidates.append(snapshots / ref.read_text(encoding="utf-8").strip())
-    if revision:
-        candidates.append(snapshots / revision)
-    for c in candidates:
-        if c.is_dir() and ok(c):
-            return c
-    if revision:  # a named revision that is not cached is not replaced by another one
-        return None
-    found = [s for s in snapshots.iterdir() if s.is_dir() and ok(s)]
-    return max(found, key=lambda s: s.stat().st_mtime, default=None)
-
-
 def _model_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
@@ -144,7 +119,7 @@ def locate(name: str, repo_type: str, *, key: str, revision: str | None = None,
     if _looks_like_path(name):
         raise SourceUnavailable(f"{key}: {name} is not a folder")
     needs = _model_complete if repo_type == "model" else None
-    snap = cached_snapshot(name, repo_type, revision, needs)
+    snap = hub.cached_snapshot(name, repo_type, revision, needs)
     if snap is not None:
         return Located("cache", snap, snap.name)
     if reachable():
@@ -211,7 +186,7 @@ def read_local_arch(model_cfg: Mapping[str, Any]) -> dict | None:
     if not folder.is_dir():
         if _looks_like_path(src["pretrained"]):
             raise ValueError(f"model.pretrained: {src['pretrained']} is not a folder")
-        folder = cached_snapshot(src["pretrained"], "model", src["revision"],
+        folder = hub.cached_snapshot(src["pretrained"], "model", src["revision"],
                                  needs=lambda p: (p / "config.json").is_file())
         if folder is None:
             return None

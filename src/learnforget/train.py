@@ -491,12 +491,14 @@ def train(
 
 
 # ----------------------------------------------------------------------------- helpers
-def _dir_fingerprint(root: Path, names: Sequence[str]) -> str:
-    """sha256 over the named files of a folder (those that exist), in order."""
+def _dir_fingerprint(root: Path, names: Sequence[str], known: dict[str, str] | None = None) -> str:
+    """sha256 over the named files of a folder (those that exist), in order. ``known``: file ->
+    sha256 already verified (a checkpoint manifest's), used instead of hashing the file again."""
     h = hashlib.sha256()
     for name in names:
         if (root / name).is_file():
-            h.update(name.encode() + b"\0" + sha256_file(root / name).encode())
+            digest = (known or {}).get(name) or sha256_file(root / name)
+            h.update(name.encode() + b"\0" + digest.encode())
     return h.hexdigest()
 
 
@@ -504,8 +506,12 @@ def _base_fingerprint(base_dir: Path) -> str:
     """sha256 over the base model's config and weights (a sharded model's index and shards
     too; a single-file model's fingerprint is as it always was)."""
     shards = sorted(p.name for p in base_dir.glob("model-*.safetensors"))
+    # the base's manifest hashes were just verified (launch.finetune_job): a 7B model is not
+    # hashed again by every job
+    manifest = base_dir / "manifest.json"
+    known = read_json(manifest).get("files") if manifest.is_file() else None
     return _dir_fingerprint(base_dir, ("config.json", "model.safetensors", *(
-        ["model.safetensors.index.json", *shards] if shards else [])))
+        ["model.safetensors.index.json", *shards] if shards else [])), known=known)
 
 
 def _file_hashes(root: Path, skip: Sequence[str] = ("manifest.json",)) -> dict[str, str]:
