@@ -28,10 +28,13 @@ ARCH_DEFAULTS = {
 }
 
 
+#: ``model`` keys that say where a pretrained model comes from (learnforget.sources), not its shape.
+SOURCE_KEYS = ("pretrained", "revision", "vocab_size")
+
+
 def validate_arch(arch: dict) -> dict:
     """The arch dict with defaults filled in; ValueError naming the bad key otherwise."""
-    # where a pretrained model comes from (learnforget.sources.MODEL_SOURCE_KEYS) is not architecture
-    arch = {k: v for k, v in arch.items() if k not in ("pretrained", "revision", "vocab_size")}
+    arch = {k: v for k, v in arch.items() if k not in SOURCE_KEYS}
     unknown = sorted(set(arch) - set(ARCH_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown arch keys: {', '.join(unknown)} (known: {', '.join(ARCH_DEFAULTS)})")

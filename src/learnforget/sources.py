@@ -67,9 +67,6 @@ MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.
 #: Model types whose linear layers carry the Llama names the methods target (learnforget.methods).
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
-#: Config keys of ``model`` that say where a pretrained model comes from (not architecture).
-MODEL_SOURCE_KEYS = ("pretrained", "revision", "vocab_size")
-
 #: Architecture keys read from a pretrained model's config.json (learnforget.modeling.ARCH_DEFAULTS).
 ARCH_FROM_HF = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
