@@ -14,7 +14,7 @@
   ``finetune:``), AdamW with lr 1e-3, betas (0.9, 0.95), eps 1e-8, no weight decay, constant
   LR without warm-up, gradient clipping at 1.0, the same torch thread count and the same
   number of steps. The Trainer keeps its default optimizer implementation (with torch >= 2.8
-  ``adamw_torch_fused``; ours is torch's for-loop AdamW) and runs without evaluation, saving,
+  ``adamw_torch_fused``; ours is fused too, ``learnforget.optim``) and runs without evaluation, saving,
   reporting, progress bar or dataloader workers, logging once. Tokens are the non-padding
   input tokens (every token for CPT; the same count for both trainers). The first
   ``BENCH_WARMUP`` steps are not timed: rates run from the end of that step to the end of the
@@ -29,6 +29,11 @@
 - optimizer: median milliseconds of gradient clipping + AdamW step on the model's trainable
   parameters, ours vs the Trainer's implementation (the only code the two loops do not
   share); measured before and after the training cases, the faster of the two.
+- settings (code CPT, full finetuning, ours, one thing changed each): glibc's default heap
+  thresholds (``LEARNFORGET_MALLOC=default``) vs the raised ones ``train`` sets
+  (``learnforget.perf``); the model under ``torch.compile`` (``train.compile``; inductor, a cold
+  cache folder) vs eager, with the first step's seconds and after how many steps compiling
+  pays, and its MFU; two 1-thread jobs at once (what the default study runs on 2 cores) vs one job with ``BENCH_THREADS``.
 - LoRA vs full (ours): seconds per step, and peak memory: the peak resident set during
   training minus the resident set just before it (Linux: VmHWM reset through
   /proc/self/clear_refs; elsewhere the process peak), which includes what the allocator
@@ -151,6 +156,45 @@ def proc_status_mib(text: str, key: str) -> float:
     raise KeyError(key)
 
 
+EXTRAS = {  # code CPT, full finetuning, ours: one setting changed from the main case each
+    "malloc-default": {"env": {"LEARNFORGET_MALLOC": "default"}},
+    "compile": {"compile": True},
+    "2x1-thread": {"threads": 1, "concurrent": 2},
+}
+
+
+def settings_rows(best: dict, threads: int, fpt_peak: tuple | None = None) -> list[tuple]:
+    """Rows for the settings the trainer chose, each against the main code CPT full case (``best``
+    keyed as in ``main``): the heap thresholds, torch.compile, and the study's 2 jobs x 1 thread."""
+    main = best[("ours", "cpt", "full")]
+    rows = []
+    off = best["malloc-default"]
+    rows.append(("tokens/s, full, code CPT: ours vs ours with glibc's default heap thresholds "
+                 "(LEARNFORGET_MALLOC=default; learnforget.perf)", f"{main['tokens_per_s']:,.0f}",
+                 f"{off['tokens_per_s']:,.0f}", f"{main['tokens_per_s'] / off['tokens_per_s']:.2f}x"))
+    comp = best["compile"]
+    gain = main["step_s"] - comp["step_s"]
+    compile_s = comp["first_step_s"] - comp["step_s"]
+    pays = (f"pays after {compile_s / gain:,.0f} steps ({compile_s / gain * main['step_s'] / 60:.1f} min)"
+            if gain > 0 else "never pays")
+    rows.append((f"tokens/s, full, code CPT: torch.compile (inductor, cold cache) vs eager (ours); first step "
+                 f"{comp['first_step_s']:.1f} s, so compiling {pays}; mean loss {comp['mean_loss']:.4f} vs "
+                 f"{main['mean_loss']:.4f}", f"{comp['tokens_per_s']:,.0f}", f"{main['tokens_per_s']:,.0f}",
+                 f"{comp['tokens_per_s'] / main['tokens_per_s']:.2f}x"))
+    if fpt_peak is not None:
+        from learnforget.accounting import speed
+
+        (f, _), peak = fpt_peak
+        mfu = speed(comp["tokens"], comp["seconds"], f, peak)
+        rows.append(("MFU, full, code CPT, train.compile: achieved GFLOP/s vs matmul peak",
+                     f"{mfu['gflops_per_s']:.2f}", f"{peak / 1e9:.1f}", f"{mfu['mfu']:.1%}"))
+    par = best["2x1-thread"]
+    rows.append((f"tokens/s, full, code CPT: 2 jobs x 1 thread at once (the default study's train jobs) vs 1 job x "
+                 f"{threads} threads, summed", f"{par['tokens_per_s']:,.0f}", f"{main['tokens_per_s']:,.0f}",
+                 f"{par['tokens_per_s'] / main['tokens_per_s']:.2f}x"))
+    return rows
+
+
 def markdown_table(rows: list[tuple]) -> str:
     lines = ["| measurement | ours | baseline | ratio |", "|---|---:|---:|---:|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -222,15 +266,17 @@ def train_cfg_dict() -> dict:
             "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0, "optimizer": "adamw"}
 
 
-def run_ours(work: Path, arch: dict, regime: str, method: str, steps: int, warmup: int) -> dict:
+def run_ours(work: Path, arch: dict, regime: str, method: str, steps: int, warmup: int, threads: int = THREADS,
+             compile: bool = False) -> dict:
     from learnforget.io import read_jsonl
     from learnforget.methods import method_from_dict
     from learnforget.modeling import build_model, count_parameters
     from learnforget.train import TrainConfig, train
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     tok, _, make_batches = _setup(work, regime)
-    cfg = TrainConfig.from_dict(train_cfg_dict())
+    # compile: train.compile (inductor; the first step compiles; TORCHINDUCTOR_CACHE_DIR: a fresh folder, cold)
+    cfg = TrainConfig.from_dict({**train_cfg_dict(), "threads": threads, "compile": compile})
     m = method_from_dict({"type": "full"} if method == "full" else LORA)
     torch.manual_seed(0)
     model = m.prepare(build_model(arch, tok, seed=0))
@@ -243,6 +289,7 @@ def run_ours(work: Path, arch: dict, regime: str, method: str, steps: int, warmu
     recs = read_jsonl(log_path)
     log_path.unlink()
     return {**out, **steady_rate(recs, warmup), "threads": torch.get_num_threads(),
+            "first_step_s": recs[0]["elapsed"],
             "trainable": count_parameters(model)[0], "mean_loss": sum(r["loss"] for r in recs) / len(recs)}
 
 
@@ -310,25 +357,38 @@ def run_hf(work: Path, arch: dict, regime: str, method: str, steps: int, warmup:
 
 def child(spec: str) -> None:
     s = json.loads(spec)
-    fn = run_ours if s["trainer"] == "ours" else run_hf
-    res = fn(Path(s["work"]), s["arch"], s["regime"], s["method"], s["steps"], s["warmup"])
+    args = (Path(s["work"]), s["arch"], s["regime"], s["method"], s["steps"], s["warmup"])
+    res = run_ours(*args, threads=s["threads"], compile=s["compile"]) if s["trainer"] == "ours" else run_hf(*args)
     print("RESULT " + json.dumps(res), flush=True)
 
 
 # ----------------------------------------------------------------------------- the bench (parent)
-def run_case(work: Path, arch: dict, trainer: str, regime: str, method: str, steps: int) -> dict:
-    spec = json.dumps({"work": str(work), "arch": arch, "trainer": trainer, "regime": regime,
-                       "method": method, "steps": steps, "warmup": WARMUP})
+def run_case(work: Path, arch: dict, trainer: str, regime: str, method: str, steps: int, *,
+             threads: int = THREADS, compile: bool = False, env: dict | None = None, concurrent: int = 1) -> dict:
+    """One case in a fresh process (``concurrent`` identical processes at once: their results, summed
+    tokens/s, in ``"each"`` / ``"tokens_per_s"``)."""
+    spec = json.dumps({"work": str(work), "arch": arch, "trainer": trainer, "regime": regime, "method": method,
+                       "steps": steps, "warmup": WARMUP, "threads": threads, "compile": compile})
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--case", spec], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise RuntimeError(f"case {trainer} {regime} {method} failed (exit {proc.returncode})")
-    res = json.loads(lines[-1][len("RESULT "):])
+    with tempfile.TemporaryDirectory() as cache:
+        penv = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": cache, **(env or {})}
+        procs = [subprocess.Popen([sys.executable, __file__, "--case", spec], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=penv) for _ in range(concurrent)]
+        outs = [(p, *p.communicate()) for p in procs]
+    each = []
+    for proc, stdout, stderr in outs:
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(stderr[-4000:])
+            raise RuntimeError(f"case {trainer} {regime} {method} failed (exit {proc.returncode})")
+        each.append(json.loads(lines[-1][len("RESULT "):]))
+    res = dict(each[0])
+    if concurrent > 1:
+        res["each"], res["tokens_per_s"] = each, sum(r["tokens_per_s"] for r in each)
     res["load"] = os.getloadavg()[0]
-    log(f"{trainer:4s} {regime} {method:4s}: {res['tokens_per_s']:8,.0f} tokens/s, {res['step_s']:.3f} s/step, "
+    what = f"{trainer}{' compiled' if compile else ''}{' ' + str(env) if env else ''}" + \
+        (f" {concurrent} x {threads} thread(s)" if concurrent > 1 else "")
+    log(f"{what} {regime} {method:4s}: {res['tokens_per_s']:8,.0f} tokens/s, {res['step_s']:.3f} s/step, "
         f"peak +{res['peak_delta_mib']:.0f} MiB, mean loss {res['mean_loss']:.4f} "
         f"({time.perf_counter() - t0:.0f} s with start-up; load {res['load']:.2f})")
     return res
@@ -374,7 +434,7 @@ def flops_per_token_of(work: Path, arch: dict, method: str, seq_len: int) -> tup
 def optimizer_ms(work: Path, arch: dict, method: str, repeats: int = 20) -> tuple[float, float]:
     """Median milliseconds of gradient clipping + optimizer step on the model's trainable
     parameters (fixed random gradients): ours (``learnforget.train.make_optimizer``: torch
-    AdamW, for-loop; ``clip_grad_norm_(foreach=False)``, as ``train`` calls them) vs the HF
+    AdamW, fused; ``clip_grad_norm_(foreach=True)``, as ``train`` calls them) vs the HF
     Trainer's (AdamW fused=True, its default ``adamw_torch_fused`` with torch >= 2.8;
     ``clip_grad_norm_`` with torch's default), alternating."""
     from transformers import AutoTokenizer
@@ -395,7 +455,7 @@ def optimizer_ms(work: Path, arch: dict, method: str, repeats: int = 20) -> tupl
             p.grad = torch.randn(p.shape, generator=gen) * 1e-2
         if who == "ours":
             opt = make_optimizer(model, TrainConfig.from_dict(cfg))
-            clip = partial(torch.nn.utils.clip_grad_norm_, params, cfg["grad_clip"], foreach=False)
+            clip = partial(torch.nn.utils.clip_grad_norm_, params, cfg["grad_clip"], foreach=True)
         else:
             opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"], weight_decay=0.0,
                                     fused=True)
@@ -474,6 +534,13 @@ def main() -> None:
                     key = (trainer, regime, method)
                     if key not in best or res["tokens_per_s"] > best[key]["tokens_per_s"]:
                         best[key] = res
+        log("settings: glibc's default heap thresholds, torch.compile, 2 jobs x 1 thread (code CPT, full) ...")
+        for rep in range(REPEATS):
+            for key, kw in EXTRAS.items():
+                res = run_case(work, arch, "ours", "cpt", "full", total, **kw)
+                loads.append(res["load"])
+                if key not in best or res["tokens_per_s"] > best[key]["tokens_per_s"]:
+                    best[key] = res
         fpt = {m: flops_per_token_of(work, arch, m, seq_len) for m in ("full", "lora")}
         log("optimizer + clipping micro-benchmark again ...")
         for m in ("full", "lora"):  # the faster of the two runs of each, as for the matmul peak
@@ -509,9 +576,10 @@ def main() -> None:
         step = best[("ours", "cpt", method)]["step_s"] if "cpt" in REGIMES else None
         share = f"; ours = {o / 1e3 / step:.1%} of a code CPT step" if step else ""
         rows.append((f"gradient clipping + AdamW step, ms, {'full' if method == 'full' else 'LoRA r8'}: ours "
-                     f"(for-loop AdamW, per-tensor clip) vs HF Trainer's (fused AdamW, default clip); "
+                     f"(fused AdamW, multi-tensor clip) vs HF Trainer's (fused AdamW, default clip); "
                      f"ratio HF/ours{share}",
                      f"{o:.1f}", f"{h:.1f}", f"{h / o:.2f}x"))
+    rows += settings_rows(best, THREADS, (fpt["full"], peak))
     rows.append(("ours, code CPT: LoRA r8 vs full, activations saved for backward, one 16 x 128 batch, MiB",
                  f"{saved['lora']:.0f}", f"{saved['full']:.0f}", f"{saved['lora'] / saved['full']:.2f}x"))
     for regime, rname in REGIMES.items():
@@ -536,7 +604,8 @@ def main() -> None:
             f"Default study's model and finetuning batch (16 x {seq_len}); {STEPS} timed steps after {WARMUP} "
             f"untimed ones per case, best of {REPEATS} (ours and the baseline alternating, each in a fresh "
             f"process); tokens = non-padding input tokens. Baseline: transformers {transformers.__version__} "
-            f"Trainer (peft {peft.__version__}), its default optimizer {hf_optim}; ours: torch AdamW, for-loop. "
+            f"Trainer (peft {peft.__version__}), its default optimizer {hf_optim}; ours: torch AdamW, fused, "
+            f"with glibc's heap thresholds raised (learnforget.perf). "
             f"Matmul peak: float32, {THREADS} threads, "
             f"{peak0 / 1e9:.1f} GFLOP/s at the start, {peak1 / 1e9:.1f} at the end. "
             f"Whole bench: {time.perf_counter() - t_start:.0f} s.\n\n{markdown_table(rows)}")

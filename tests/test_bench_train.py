@@ -114,3 +114,38 @@ def test_saved_tensor_bytes_leaves_parameters_out(bench):
     # the weight gradient needs the input (5 x 8 float32); the weight itself is a parameter
     assert bench.saved_tensor_bytes(model, lambda m: m(x).sum()) == 5 * 8 * 4
     assert bench.saved_tensor_bytes(model, lambda m: (m(x) * m(x)).sum()) == 5 * 8 * 4 + 2 * 5 * 4 * 4
+
+
+def test_settings_rows_are_ratios_against_the_main_case(bench):
+    main = {"tokens_per_s": 1000.0, "step_s": 0.2, "mean_loss": 7.5, "tokens": 2000, "seconds": 2.0}
+    best = {("ours", "cpt", "full"): main,
+            "malloc-default": {**main, "tokens_per_s": 800.0},
+            "compile": {**main, "tokens_per_s": 1250.0, "step_s": 0.16, "first_step_s": 20.16, "seconds": 1.6},
+            "2x1-thread": {**main, "tokens_per_s": 1100.0}}
+    rows = bench.settings_rows(best, 2, ((1e6, "6N"), 1e10))
+    assert [r[3] for r in rows] == ["1.25x", "1.25x", "12.5%", "1.10x"]
+    assert "pays after 500 steps (1.7 min)" in rows[1][0]  # 20 s of compiling / 0.04 s saved per step
+    slower = {**best, "compile": {**best["compile"], "step_s": 0.3}}
+    assert "never pays" in bench.settings_rows(slower, 2)[1][0]
+
+
+def test_run_gathers_job_overheads_and_table_rows(tmp_path):
+    """bench/run.py: the fixed cost of a job is its Snakemake wall time less its own work."""
+    import json
+
+    run = load_bench("run")
+    res = tmp_path / "results"
+    for rel, secs in {"train/math-full/1.tsv": 50.0, "evaluate/math-full/1.tsv": 20.0, "base.tsv": 100.0,
+                      "score/math-full/1.tsv": 7.0}.items():
+        (res / "benchmarks" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (res / "benchmarks" / rel).write_text(f"s\th:m:s\n{secs}\t0:00:{int(secs)}\n")
+    (res / "runs/math-full/1").mkdir(parents=True)
+    (res / "runs/math-full/1/manifest.json").write_text(json.dumps({"job_train_seconds": 38.0}))
+    (res / "evals/math-full").mkdir(parents=True)
+    (res / "evals/math-full/1.json").write_text(json.dumps({"timing_s": {"evaluate": 13.0}}))
+    got = run.job_overheads(res)
+    assert got["train"] == {"jobs": 1, "wall": 50.0, "work": 38.0, "timed": 1}
+    assert got["evaluate"]["work"] == 13.0 and got["base"]["timed"] == 0 and got["score"]["wall"] == 7.0
+    text = "# T\n\n| measurement | ours | baseline | ratio |\n|---|---|---|---|\n| tokens/s, x: a | 1 | 2 | 0.50x |\n"
+    assert run.table_row(text, "tokens/s, x") == ["tokens/s, x: a", "1", "2", "0.50x"]
+    assert run.table_row(text, "MFU") is None

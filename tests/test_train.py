@@ -67,7 +67,7 @@ def _same_weights(a, b):
     ({"lr": 0}, "lr"), ({"batch_size": 0}, "batch_size"), ({"betas": [0.9]}, "betas"),
     ({"schedule": "linear"}, "schedule"), ({"grad_clip": -1}, "grad_clip"), ({"optimizer": "sgd"}, "optimizer"),
     ({"warmup_fraction": 0.1, "warmup_steps": 3}, "warmup_fraction"), ({"min_lr_ratio": 2}, "min_lr_ratio"),
-    ({"schedule_length": "forever"}, "schedule_length"), ({"learning_rate": 1e-3}, "learning_rate"),
+    ({"schedule_length": "forever"}, "schedule_length"), ({"compile": "yes"}, "compile"), ({"learning_rate": 1e-3}, "learning_rate"),
     ({"cooldown_fraction": 1.0}, "cooldown_fraction"), ({"precision": "fp8"}, "precision"),
     ({"save_every_steps": -1}, "save_every_steps"), ({"tensorboard": "yes"}, "tensorboard"),
 ])
@@ -142,6 +142,120 @@ def test_lion_steps_by_the_sign_and_decays_with_the_schedule():
     p.grad = torch.tensor([1.0, -1.0, 0.0])  # sign(0.9 * m + 0.1 * g) = [1, -1, 0]
     opt.step()
     assert torch.allclose(p.detach(), before * 0.75 - 0.05 * torch.tensor([1.0, -1.0, 0.0]))
+
+
+def _two_models(world, seed=0):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world / "tokenizer")
+    return [build_model(ARCH, tok, seed=seed) for _ in range(2)]
+
+
+def _steps(model, opt, n=30, clip=1.0, foreach=True):
+    """``n`` optimizer steps on the same fixed random gradients; the clipped norms."""
+    gen, norms = torch.Generator().manual_seed(1), []
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(n):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 0.1
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip, foreach=foreach)))
+        opt.step()
+    return norms
+
+
+def test_lion_multi_tensor_step_is_bitwise_the_per_tensor_one(world):
+    a, b = _two_models(world)
+    kw = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    _steps(a, Lion(a.parameters(), **kw, foreach=True), foreach=False)
+    _steps(b, Lion(b.parameters(), **kw, foreach=False), foreach=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_fused_adamw_and_multi_tensor_clipping_stay_within_1e_5_of_the_per_tensor_loop(world):
+    """The stated tolerance of the fused optimizer step (learnforget.optim): after 30 steps
+    the weights agree to 1e-5 (relative to their largest value); clipped norms to 1e-6."""
+    from learnforget.train import make_optimizer
+
+    a, b = _two_models(world)
+    cfg = TrainConfig.from_dict({**CFG, "weight_decay": 0.1})
+    opt = make_optimizer(a, cfg)
+    assert opt.param_groups[0]["fused"] is True
+    ref = torch.optim.AdamW([{"params": [p for p in b.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in b.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+    na, nb = _steps(a, opt, foreach=True), _steps(b, ref, foreach=False)
+    assert max(abs(x - y) / y for x, y in zip(na, nb)) < 1e-6
+    diffs = [float((x - y).abs().max() / y.abs().max()) for x, y in zip(a.parameters(), b.parameters())]
+    assert 0 < max(diffs) < 1e-5  # not bitwise (different rounding), and close
+
+
+def test_optimizer_state_does_not_carry_its_implementation(world):
+    """A job continuing from a state saved by another implementation (an older for-loop AdamW,
+    an FSDP job's foreach one) keeps the fused step; saved states name no implementation."""
+    from learnforget.train import make_optimizer
+
+    a, b = _two_models(world)
+    loop = torch.optim.AdamW([{"params": [p for p in a.parameters() if p.dim() >= 2]},
+                              {"params": [p for p in a.parameters() if p.dim() < 2]}], lr=3e-3, foreach=False)
+    _steps(a, loop, n=2)
+    saved = loop.state_dict()
+    assert saved["param_groups"][0]["foreach"] is False
+    opt = make_optimizer(b, TrainConfig.from_dict(CFG))
+    opt.load_state_dict(saved)
+    assert all(g["fused"] is True and g["foreach"] is None for g in opt.param_groups)
+    assert all(torch.equal(opt.state[p]["exp_avg"], loop.state[q]["exp_avg"])
+               for p, q in zip(b.parameters(), a.parameters()))
+    _steps(b, opt, n=1)
+    assert all(g["fused"] is None and g["foreach"] is None for g in opt.state_dict()["param_groups"])
+
+
+def test_allocator_setting_changes_no_number(world, tmp_path):
+    """learnforget.perf.tune_allocator (glibc heap thresholds) only changes where memory comes
+    from: a training run with it off (LEARNFORGET_MALLOC=default, another process) gives
+    bitwise the same losses."""
+    import subprocess
+    import sys
+
+    from learnforget import perf
+
+    code = f"""
+import json, sys, torch
+from transformers import AutoTokenizer
+from learnforget import perf
+from learnforget.modeling import build_model
+from learnforget.tokens import Batches, load_tokens
+from learnforget.train import train
+tok = AutoTokenizer.from_pretrained({str(world / "tokenizer")!r})
+batches = Batches(load_tokens({str(world / "facts")!r}), "cpt", 8, 24, seed=0)
+model, state = train(build_model({ARCH!r}, tok, seed=0), batches, {CFG!r}, end_step=6,
+                     log_path=sys.argv[1], progress=False)
+print(json.dumps(perf._applied))
+"""
+    runs = {}
+    for mode in ("", "default"):
+        log = tmp_path / f"log{mode}.jsonl"
+        out = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, "LEARNFORGET_MALLOC": mode})
+        runs[mode] = (out.stdout.strip().splitlines()[-1], [r["loss"] for r in read_jsonl(log)])
+    assert runs["default"][0] == "false"
+    assert runs[""][0] == json.dumps(perf.tune_allocator())  # applied where glibc is (this machine)
+    assert runs[""][1] == runs["default"][1] and len(runs[""][1]) == 6
+
+
+def test_compiled_training_matches_eager_within_1e_4(world, tmp_path):
+    """train.compile (a runtime key: it does not change what a run is) gives the eager losses
+    within float rounding (stated tolerance 1e-4 relative over 4 steps)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world / "tokenizer")
+    losses = {}
+    for compiled in (False, True):
+        batches = Batches(load_tokens(world / "facts"), "cpt", 8, 24, seed=0)
+        train(build_model(ARCH, tok, seed=0), batches, {**CFG, "compile": compiled}, end_step=4,
+              log_path=tmp_path / f"{compiled}.jsonl", progress=False)
+        losses[compiled] = [r["loss"] for r in read_jsonl(tmp_path / f"{compiled}.jsonl")]
+    assert max(abs(a - b) / a for a, b in zip(losses[True], losses[False])) < 1e-4
+    assert "compile" not in TrainConfig.from_dict({**CFG, "compile": True}).result_dict()
 
 
 # ----------------------------------------------------------------------------- base

@@ -22,7 +22,7 @@ Functions, in the order a job calls them:
 - :func:`shard_model` - ``fully_shard`` each decoder layer, then the root (embeddings, final norm,
   tied output head); float32 shards, optionally bf16 compute (:func:`mixed_precision`)
 - the optimizer: :func:`learnforget.optim.make_optimizer` (or ``train.make_optimizer``) on the
-  *sharded* model, unchanged: AdamW (``foreach=False``) and Lion work on ``DTensor`` parameters
+  *sharded* model, unchanged: AdamW (``foreach=True``) and Lion work on ``DTensor`` parameters
   and keep sharded states
 - :func:`clip_grad_norm` - the global gradient norm over all shards (clipping when max_norm > 0)
 - :func:`load_full_model_state_dict` - rank 0's full weights into the sharded model (broadcast)
