@@ -17,6 +17,9 @@ Parts (each also writes its own table, ``bench/<part>-results.md``; this file ga
 - spectral: ``bench/spectral.py`` (ours vs numpy.linalg.svd on the 7B shapes).
 - dag: ``bench/dag.py STUDY`` (DAG of config/paper.yaml, no-op rerun).
 
+``BENCH_STUDY_DIR``: where the pipeline part runs the study (an empty or new folder, kept
+afterwards, e.g. to take the README's figures from); default a temporary folder.
+
 Each part runs in its own process, one after the other; timings depend on the machine and its
 load, which every table records. Progress goes to stderr.
 """
@@ -49,7 +52,8 @@ HEADLINES = (
     ("train", "ours, code CPT: LoRA r8 vs full, peak RSS"),
     ("train", "tokens/s, full, code CPT: ours vs ours with glibc"),
     ("train", "tokens/s, full, code CPT: torch.compile"), ("train", "tokens/s, full, code CPT: 2 jobs"),
-    ("eval", "log-likelihood"), ("eval", "generation"),
+    ("eval", "log-likelihood"), ("eval", "generation: new tokens/s, greedy"),
+    ("eval", "generation: new tokens/s, sampled code"), ("eval", "rolling log-likelihood"),
     ("spectral", "| 4096x4096"),
 )
 
@@ -174,9 +178,11 @@ def main(parts: list[str]) -> None:
         raise SystemExit(f"unknown part(s) {', '.join(bad)}; known: {', '.join(PARTS)}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lf-bench-") as tmp:
-        study = Path(tmp) / "study" if "pipeline" in parts else None
+        study = Path(os.environ.get("BENCH_STUDY_DIR") or Path(tmp) / "study") if "pipeline" in parts else None
         if study is not None:
-            study.mkdir()
+            study.mkdir(parents=True, exist_ok=True)
+            if any(study.iterdir()):
+                raise SystemExit(f"BENCH_STUDY_DIR {study} is not empty: the pipeline part times a cold study")
             pipeline(study)
         for part in (p for p in PARTS if p in parts and p != "pipeline"):
             run_part(part, study)

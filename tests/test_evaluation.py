@@ -487,3 +487,103 @@ def test_user_task_dirs_end_to_end(tiny, tmp_path):
                               tokenizer_dir=tiny / "tok", task_dirs=[tmp_path / "tasks"])
     assert 0 <= out["results"]["my_quiz"]["acc,none"] <= 1
     assert out["n-samples"]["my_quiz"]["effective"] == 5
+
+
+# ------------------------------------------------------------ speed-ups change no score
+
+_DIRECT = """
+import json, sys
+import lm_eval
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from learnforget.evaluation import _compact_sample
+tasks_dir, model, tok, names, seed, out = sys.argv[1:]
+tm = TaskManager(include_path=tasks_dir, include_defaults=False)
+objs = list(tm.load(json.loads(names))["tasks"].values())
+lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu", dtype="float32")
+res = lm_eval.simple_evaluate(model=lm, tasks=objs, task_manager=tm, bootstrap_iters=0, log_samples=True,
+                              random_seed=int(seed), numpy_random_seed=int(seed), torch_random_seed=int(seed),
+                              fewshot_random_seed=int(seed))
+records = [_compact_sample(t, s, res["configs"][t]["output_type"], t == "lf_code_gen")
+           for t in sorted(res["samples"]) for s in res["samples"][t]]
+json.dump({"results": res["results"], "records": records, "lm_eval_version": res["lm_eval_version"],
+           "transformers_version": res["transformers_version"], "n-samples": res["n-samples"]}, open(out, "w"))
+"""
+
+
+def test_scores_match_lm_eval_called_directly(tiny, tmp_path):
+    """evaluate_checkpoint's speed-ups (lm-eval without its environment report and with each
+    prompt template compiled once: ``_lean_lm_eval``; glibc heap thresholds: learnforget.perf)
+    change no score. The baseline is plain lm-eval in another process with glibc's default heap
+    (LEARNFORGET_MALLOC=default), on the same model, tasks, batch size and seeds. Stated
+    tolerance: metrics and completions (greedy and sampled) identical; per-request
+    log-likelihoods within 1e-5 (they are bitwise equal here)."""
+    import subprocess
+    import sys
+
+    import lm_eval.evaluator
+    import lm_eval.utils
+
+    from learnforget import perf
+
+    originals = lm_eval.utils.apply_template, lm_eval.evaluator.add_env_info
+    code_gen = _sampled("lf_code_gen", "syntax", None)
+    plan = [{"task": n, "group": None, "num_fewshot": None, "limit": None, "batch_size": 4, "sampling": None}
+            for n in SCORED] + [code_gen]
+    names = [i["task"] for i in plan]
+    ev.render_tasks(names, tiny / "data", tmp_path / "tasks", cache_dir=str(tmp_path / "cache"),
+                    sampling={"lf_code_gen": code_gen["sampling"]})
+    direct_json = tmp_path / "direct.json"
+    baseline = subprocess.Popen(  # runs while ours does (a second core)
+        [sys.executable, "-c", _DIRECT, str(tmp_path / "tasks"), str(tiny / "model"), str(tiny / "tok"),
+         json.dumps(names), "5", str(direct_json)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "LEARNFORGET_MALLOC": "default"})
+    out = evaluate_checkpoint(tiny / "model", plan, tiny / "data", tmp_path / "ours.json", tokenizer_dir=tiny / "tok",
+                              log_samples_path=tmp_path / "ours.jsonl", seed=5)
+    log = baseline.communicate()[0]
+    assert baseline.returncode == 0, log[-3000:]
+    direct = json.loads(direct_json.read_text())
+    assert perf._applied is perf.tune_allocator()  # evaluate_checkpoint applied it where glibc is
+    assert (lm_eval.utils.apply_template, lm_eval.evaluator.add_env_info) == originals  # restored
+    assert _metrics(out) == _metrics(direct) and len(_metrics(out)) >= 10
+    assert out["n-samples"] == direct["n-samples"]
+    assert (out["lm_eval_version"], out["transformers_version"]) == (direct["lm_eval_version"],
+                                                                      direct["transformers_version"])
+    ours = [json.loads(line) for line in (tmp_path / "ours.jsonl").read_text().splitlines()]
+    assert len(ours) == len(direct["records"]) == 6 + 6 + 5 + 5 + 4 + 4
+    for mine, theirs in zip(ours, direct["records"], strict=True):
+        assert (mine["task"], mine["doc_id"], mine["filter"]) == (theirs["task"], theirs["doc_id"], theirs["filter"])
+        if "loglikelihood" in mine:
+            assert mine["loglikelihood"] == pytest.approx(theirs["loglikelihood"], rel=0, abs=1e-5)
+        else:
+            assert mine == theirs  # completions (all n of a sampled task) and their metrics
+    assert any(r["task"] == "lf_code_gen" and len(set(r["responses"])) > 1 for r in ours)  # really sampled
+
+
+def test_lean_lm_eval_renders_templates_like_lm_eval_and_restores_it():
+    """The compiled-once templates render exactly what lm-eval's ``apply_template`` renders (its
+    filters and its error on an undefined field included), and both patched functions are
+    lm-eval's own again after the block, also when it raises."""
+    import jinja2
+    import lm_eval.evaluator
+    import lm_eval.utils
+
+    originals = lm_eval.utils.apply_template, lm_eval.evaluator.add_env_info
+    docs = [{"question": "Q?", "choices": [" a", " b"], "text": "a\nb ", "n": i} for i in range(3)]
+    templates = ["Question: {{question}}\nAnswer:", "{{choices}}", "{{text}}", "{{n}}",
+                 "{{ text | regex_replace('a', 'x') }}", "{% if n %}{{n}}{% else %}zero{% endif %}\n"]
+    expected = [originals[0](t, d) for t in templates for d in docs]
+    with ev._lean_lm_eval():
+        patched = lm_eval.utils.apply_template
+        assert patched is not originals[0]
+        assert [patched(t, d) for t in templates for d in docs] == expected
+        assert [patched(t, d) for t in templates for d in docs] == expected  # from the compiled templates
+        with pytest.raises(jinja2.UndefinedError):
+            patched("{{missing}}", docs[0])
+        info: dict = {}
+        lm_eval.evaluator.add_env_info(info)
+        assert set(info) == {"transformers_version", "lm_eval_version"}
+    assert (lm_eval.utils.apply_template, lm_eval.evaluator.add_env_info) == originals
+    with pytest.raises(RuntimeError), ev._lean_lm_eval():
+        raise RuntimeError("boom")
+    assert (lm_eval.utils.apply_template, lm_eval.evaluator.add_env_info) == originals

@@ -12,10 +12,18 @@ One job = one model load (a full model, or a base model plus an unmerged peft ad
 
 This module imports lm-eval, torch and transformers lazily: importing it (for :data:`TASKS`,
 e.g. from config validation or the Snakefile) is cheap.
+
+Two of lm-eval's per-call costs are avoided while a checkpoint is evaluated (see
+:func:`_lean_lm_eval`; ``bench/eval.py`` measures them): the environment report that
+``simple_evaluate`` builds and this module drops (``pip list`` and more in subprocesses, 0.6-1.6 s
+per call) and the Jinja compilation of every prompt template for every document (about a third
+of a log-likelihood task's time on the default study's model). Neither changes a request, a
+random number or a score; tests compare with lm-eval called directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -26,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import yaml
 
@@ -653,6 +661,46 @@ def _build_tasks(tm, items: list[dict], builtin_cfgs: Mapping[str, dict]) -> lis
     return objs
 
 
+@contextlib.contextmanager
+def _lean_lm_eval() -> Iterator[None]:
+    """lm-eval without two costs that change no result, for the duration of the block.
+
+    - ``simple_evaluate`` ends with ``add_env_info``, which runs torch's ``collect_env`` (``pip
+      list`` and a dozen other subprocesses: 1.6 s the first time, 0.6 s each later call) for
+      ``pretty_env_info``, which :data:`RESULT_KEYS` does not keep; here it only records the two
+      versions that are kept, read the same way.
+    - ``lm_eval.utils.apply_template`` compiles its Jinja template anew for every document and
+      field (``Environment.from_string`` does not cache); here each template string is compiled
+      once, in lm-eval's own environment, and rendered as before.
+
+    lm-eval is pinned (0.4.13): both are module attributes it looks up at call time
+    (``utils.apply_template``, ``evaluator.add_env_info``), restored on exit.
+    """
+    from importlib.metadata import version
+
+    import lm_eval.evaluator
+    import lm_eval.utils
+    import transformers
+
+    compiled: dict[str, Any] = {}
+
+    def apply_template(template: str, doc: dict) -> str:
+        tpl = compiled.get(template)
+        if tpl is None:
+            tpl = compiled[template] = lm_eval.utils.env.from_string(template)
+        return tpl.render(**doc)
+
+    def add_env_info(storage: dict) -> None:
+        storage.update(transformers_version=transformers.__version__, lm_eval_version=version("lm_eval"))
+
+    saved = lm_eval.utils.apply_template, lm_eval.evaluator.add_env_info
+    lm_eval.utils.apply_template, lm_eval.evaluator.add_env_info = apply_template, add_env_info
+    try:
+        yield
+    finally:
+        lm_eval.utils.apply_template, lm_eval.evaluator.add_env_info = saved
+
+
 _MERGED_KEYS = ("results", "groups", "group_subtasks", "versions", "n-shot", "higher_is_better", "configs",
                 "n-samples", "samples")
 
@@ -695,8 +743,9 @@ def evaluate_checkpoint(
     ``log_samples_path`` as JSONL (all n responses of a sampled task). Returns the dictionary
     written.
     """
-    from learnforget import hub
+    from learnforget import hub, perf
 
+    perf.tune_allocator()  # heap reuse for the per-batch logits and KV caches (learnforget.perf)
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
     items = _normalise_plan(tasks, batch_size, limit, num_fewshot)
@@ -730,7 +779,7 @@ def evaluate_checkpoint(
 
     timing["import"] = time.perf_counter() - t
 
-    with tempfile.TemporaryDirectory(prefix="lf-eval-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lf-eval-") as tmp, _lean_lm_eval():
         tmp = Path(tmp)
         t = time.perf_counter()
         sampling = {i["task"]: i["sampling"] for i in items if i.get("sampling")}
