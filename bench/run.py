@@ -2,6 +2,7 @@
 
     python bench/run.py                    # everything, about 30 min on 2 cores; writes bench/results.md
     python bench/run.py pipeline train     # some parts only (pipeline, train, eval, spectral, dag)
+    python bench/run.py --gather           # no part: only gather the parts' latest tables
 
 Parts (each also writes its own table, ``bench/<part>-results.md``; this file gathers them):
 
@@ -47,7 +48,8 @@ PARTS = ("pipeline", "train", "eval", "spectral", "dag")
 HEADLINES = (
     ("train", "tokens/s, full finetuning, math IFT"), ("train", "tokens/s, LoRA r8, math IFT"),
     ("train", "tokens/s, full finetuning, code CPT"), ("train", "tokens/s, LoRA r8, code CPT"),
-    ("train", "MFU, full, code CPT"), ("train", "MFU, LoRA r8, code CPT"), ("train", "MFU, full, math IFT"),
+    ("train", "MFU, full, code CPT: "), ("train", "MFU, full, code CPT, train.compile"),
+    ("train", "MFU, LoRA r8, code CPT"), ("train", "MFU, full, math IFT"),
     ("train", "ours, code CPT: LoRA r8 vs full, seconds per step"),
     ("train", "ours, code CPT: LoRA r8 vs full, peak RSS"),
     ("train", "tokens/s, full, code CPT: ours vs ours with glibc"),
@@ -173,6 +175,7 @@ def table_row(text: str, start: str) -> list[str] | None:
 
 
 def main(parts: list[str]) -> None:
+    parts = [] if parts == ["--gather"] else parts or list(PARTS)
     bad = [p for p in parts if p not in PARTS]
     if bad:
         raise SystemExit(f"unknown part(s) {', '.join(bad)}; known: {', '.join(PARTS)}")
@@ -210,7 +213,7 @@ def main(parts: list[str]) -> None:
              for p, f in files.items()}
     text = ("# Benchmarks\n\n    python bench/run.py\n\n"
             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-            f"parts run now: {', '.join(parts)} ({time.perf_counter() - t0:.0f} s); each part's table below "
+            f"parts run now: {', '.join(parts) or 'none'} ({time.perf_counter() - t0:.0f} s); each part's table below "
             "names its own machine, load and date. Every ratio is against a baseline measured in the same run.\n\n"
             "| measurement | ours | baseline | ratio |\n|---|---:|---:|---:|\n" + "\n".join(rows) + "\n")
     for p in (p for p in PARTS if texts[p]):
@@ -221,4 +224,4 @@ def main(parts: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(PARTS))
+    main(sys.argv[1:])
