@@ -44,7 +44,7 @@ token files are built once, in a temporary folder, as bench/run.py does); every 
 ``BENCH_REPEATS`` times, best of each, and ours and the baseline alternate which goes first.
 Progress goes to stderr. Environment: ``BENCH_STEPS`` (timed steps per case, default 40),
 ``BENCH_WARMUP`` (untimed steps first, default 5), ``BENCH_THREADS`` (default 2),
-``BENCH_REPEATS`` (default 2). The whole bench takes about 3-4 minutes on 2 idle cores.
+``BENCH_REPEATS`` (default 2). The whole bench takes about 6-7 minutes on 2 idle cores.
 Timings depend on the machine and its load: with 2 threads on 2 cores, another busy process
 makes every multi-threaded op wait for a time slice (milliseconds each); the output records
 the load average at the start, after each training case and at the end.
