@@ -33,7 +33,9 @@
   thresholds (``LEARNFORGET_MALLOC=default``) vs the raised ones ``train`` sets
   (``learnforget.perf``); the model under ``torch.compile`` (``train.compile``; inductor, a cold
   cache folder) vs eager, with the first step's seconds and after how many steps compiling
-  pays, and its MFU; two 1-thread jobs at once (what the default study runs on 2 cores) vs one job with ``BENCH_THREADS``.
+  pays, and its MFU; two 1-thread jobs at once (what the default study runs on 2 cores) vs
+  one job with ``BENCH_THREADS``; and on math IFT ``train.group_by_length`` vs the plain
+  shuffled order (other batches, so other losses: a speed figure only).
 - LoRA vs full (ours): seconds per step, and peak memory: the peak resident set during
   training minus the resident set just before it (Linux: VmHWM reset through
   /proc/self/clear_refs; elsewhere the process peak), which includes what the allocator
@@ -156,10 +158,11 @@ def proc_status_mib(text: str, key: str) -> float:
     raise KeyError(key)
 
 
-EXTRAS = {  # code CPT, full finetuning, ours: one setting changed from the main case each
-    "malloc-default": {"env": {"LEARNFORGET_MALLOC": "default"}},
-    "compile": {"compile": True},
-    "2x1-thread": {"threads": 1, "concurrent": 2},
+EXTRAS = {  # full finetuning, ours: (regime, one setting changed from that regime's main case)
+    "malloc-default": ("cpt", {"env": {"LEARNFORGET_MALLOC": "default"}}),
+    "compile": ("cpt", {"compile": True}),
+    "2x1-thread": ("cpt", {"threads": 1, "concurrent": 2}),
+    "group-by-length": ("ift", {"group_by_length": True}),
 }
 
 
@@ -188,6 +191,12 @@ def settings_rows(best: dict, threads: int, fpt_peak: tuple | None = None) -> li
         mfu = speed(comp["tokens"], comp["seconds"], f, peak)
         rows.append(("MFU, full, code CPT, train.compile: achieved GFLOP/s vs matmul peak",
                      f"{mfu['gflops_per_s']:.2f}", f"{peak / 1e9:.1f}", f"{mfu['mfu']:.1%}"))
+    if "group-by-length" in best and ("ours", "ift", "full") in best:
+        g, p = best["group-by-length"], best[("ours", "ift", "full")]
+        rows.append((f"tokens/s, full, math IFT: train.group_by_length vs one shuffled order (other batches: mean "
+                     f"loss {g['mean_loss']:.4f} vs {p['mean_loss']:.4f}; non-padding tokens counted)",
+                     f"{g['tokens_per_s']:,.0f}", f"{p['tokens_per_s']:,.0f}",
+                     f"{g['tokens_per_s'] / p['tokens_per_s']:.2f}x"))
     par = best["2x1-thread"]
     rows.append((f"tokens/s, full, code CPT: 2 jobs x 1 thread at once (the default study's train jobs) vs 1 job x "
                  f"{threads} threads, summed", f"{par['tokens_per_s']:,.0f}", f"{main['tokens_per_s']:,.0f}",
@@ -248,7 +257,7 @@ class Memory:
                 "peak_kind": "VmHWM reset before training" if self.hwm_reset else "process peak RSS"}
 
 
-def _setup(work: Path, regime: str):
+def _setup(work: Path, regime: str, group_by_length: bool = False):
     from transformers import AutoTokenizer
 
     from learnforget.tokens import Batches, load_tokens
@@ -257,7 +266,7 @@ def _setup(work: Path, regime: str):
     td = load_tokens(work / f"tokens-{regime}", mmap=False)
     finetune = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["finetune"]
     return tok, td, lambda: Batches(td, regime, finetune["batch_size"], finetune["seq_len"], seed=0,
-                                    pad_id=tok.pad_token_id)
+                                    pad_id=tok.pad_token_id, group_by_length=group_by_length)
 
 
 def train_cfg_dict() -> dict:
@@ -267,16 +276,17 @@ def train_cfg_dict() -> dict:
 
 
 def run_ours(work: Path, arch: dict, regime: str, method: str, steps: int, warmup: int, threads: int = THREADS,
-             compile: bool = False) -> dict:
+             compile: bool = False, group_by_length: bool = False) -> dict:
     from learnforget.io import read_jsonl
     from learnforget.methods import method_from_dict
     from learnforget.modeling import build_model, count_parameters
     from learnforget.train import TrainConfig, train
 
     torch.set_num_threads(threads)
-    tok, _, make_batches = _setup(work, regime)
+    tok, _, make_batches = _setup(work, regime, group_by_length)
     # compile: train.compile (inductor; the first step compiles; TORCHINDUCTOR_CACHE_DIR: a fresh folder, cold)
-    cfg = TrainConfig.from_dict({**train_cfg_dict(), "threads": threads, "compile": compile})
+    cfg = TrainConfig.from_dict({**train_cfg_dict(), "threads": threads, "compile": compile,
+                                 "group_by_length": group_by_length})
     m = method_from_dict({"type": "full"} if method == "full" else LORA)
     torch.manual_seed(0)
     model = m.prepare(build_model(arch, tok, seed=0))
@@ -358,17 +368,20 @@ def run_hf(work: Path, arch: dict, regime: str, method: str, steps: int, warmup:
 def child(spec: str) -> None:
     s = json.loads(spec)
     args = (Path(s["work"]), s["arch"], s["regime"], s["method"], s["steps"], s["warmup"])
-    res = run_ours(*args, threads=s["threads"], compile=s["compile"]) if s["trainer"] == "ours" else run_hf(*args)
+    res = run_ours(*args, threads=s["threads"], compile=s["compile"], group_by_length=s["group_by_length"]) \
+        if s["trainer"] == "ours" else run_hf(*args)
     print("RESULT " + json.dumps(res), flush=True)
 
 
 # ----------------------------------------------------------------------------- the bench (parent)
 def run_case(work: Path, arch: dict, trainer: str, regime: str, method: str, steps: int, *,
-             threads: int = THREADS, compile: bool = False, env: dict | None = None, concurrent: int = 1) -> dict:
+             threads: int = THREADS, compile: bool = False, group_by_length: bool = False, env: dict | None = None,
+             concurrent: int = 1) -> dict:
     """One case in a fresh process (``concurrent`` identical processes at once: their results, summed
     tokens/s, in ``"each"`` / ``"tokens_per_s"``)."""
     spec = json.dumps({"work": str(work), "arch": arch, "trainer": trainer, "regime": regime, "method": method,
-                       "steps": steps, "warmup": WARMUP, "threads": threads, "compile": compile})
+                       "steps": steps, "warmup": WARMUP, "threads": threads, "compile": compile,
+                       "group_by_length": group_by_length})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as cache:
         penv = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": cache, **(env or {})}
@@ -386,7 +399,8 @@ def run_case(work: Path, arch: dict, trainer: str, regime: str, method: str, ste
     if concurrent > 1:
         res["each"], res["tokens_per_s"] = each, sum(r["tokens_per_s"] for r in each)
     res["load"] = os.getloadavg()[0]
-    what = f"{trainer}{' compiled' if compile else ''}{' ' + str(env) if env else ''}" + \
+    what = f"{trainer}{' compiled' if compile else ''}{' grouped' if group_by_length else ''}" \
+        f"{' ' + str(env) if env else ''}" + \
         (f" {concurrent} x {threads} thread(s)" if concurrent > 1 else "")
     log(f"{what} {regime} {method:4s}: {res['tokens_per_s']:8,.0f} tokens/s, {res['step_s']:.3f} s/step, "
         f"peak +{res['peak_delta_mib']:.0f} MiB, mean loss {res['mean_loss']:.4f} "
@@ -534,10 +548,11 @@ def main() -> None:
                     key = (trainer, regime, method)
                     if key not in best or res["tokens_per_s"] > best[key]["tokens_per_s"]:
                         best[key] = res
-        log("settings: glibc's default heap thresholds, torch.compile, 2 jobs x 1 thread (code CPT, full) ...")
+        log("settings: glibc's default heap thresholds, torch.compile, 2 jobs x 1 thread (code CPT, full); "
+            "group_by_length (math IFT, full) ...")
         for rep in range(REPEATS):
-            for key, kw in EXTRAS.items():
-                res = run_case(work, arch, "ours", "cpt", "full", total, **kw)
+            for key, (regime, kw) in EXTRAS.items():
+                res = run_case(work, arch, "ours", regime, "full", total, **kw)
                 loads.append(res["load"])
                 if key not in best or res["tokens_per_s"] > best[key]["tokens_per_s"]:
                     best[key] = res

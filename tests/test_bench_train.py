@@ -121,9 +121,12 @@ def test_settings_rows_are_ratios_against_the_main_case(bench):
     best = {("ours", "cpt", "full"): main,
             "malloc-default": {**main, "tokens_per_s": 800.0},
             "compile": {**main, "tokens_per_s": 1250.0, "step_s": 0.16, "first_step_s": 20.16, "seconds": 1.6},
-            "2x1-thread": {**main, "tokens_per_s": 1100.0}}
+            "2x1-thread": {**main, "tokens_per_s": 1100.0},
+            ("ours", "ift", "full"): {**main, "tokens_per_s": 500.0},
+            "group-by-length": {**main, "tokens_per_s": 600.0, "mean_loss": 7.4}}
     rows = bench.settings_rows(best, 2, ((1e6, "6N"), 1e10))
-    assert [r[3] for r in rows] == ["1.25x", "1.25x", "12.5%", "1.10x"]
+    assert [r[3] for r in rows] == ["1.25x", "1.25x", "12.5%", "1.20x", "1.10x"]
+    assert "mean loss 7.4000 vs 7.5000" in rows[3][0]
     assert "pays after 500 steps (1.7 min)" in rows[1][0]  # 20 s of compiling / 0.04 s saved per step
     slower = {**best, "compile": {**best["compile"], "step_s": 0.3}}
     assert "never pays" in bench.settings_rows(slower, 2)[1][0]

@@ -159,3 +159,35 @@ def test_mix_repeats_by_weight(tok):
     assert mix([(a, 2.0), (b, 0.5)], seed=0).ids.tolist() == m.ids.tolist()
     with pytest.raises(ValueError, match="regime"):
         mix([(a, 1.0), (tokenize_ift(PROMPTS, RESPONSES, tok), 1.0)])
+
+
+def test_group_by_length_sorts_groups_of_batches_and_cuts_padding(tok):
+    from learnforget.tokens import GROUP_BATCHES
+
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(["what is"] * int(k)) + "?" for k in rng.integers(1, 12, size=300)]
+    td = tokenize_ift(prompts, [" 1. #### 1"] * 300, tok)
+    grouped = Batches(td, "ift", batch_size=2, seq_len=64, seed=5, group_by_length=True)
+    plain = Batches(td, "ift", batch_size=2, seq_len=64, seed=5)
+    lengths = np.diff(td.offsets)
+    for epoch in (0, 1):
+        perm = grouped.permutation(epoch)
+        assert sorted(perm.tolist()) == list(range(300))  # every example once per epoch
+        size = GROUP_BATCHES * 2
+        for start in range(0, 300, size):
+            group = perm[start:start + size]
+            assert set(group.tolist()) == set(plain.permutation(epoch)[start:start + size].tolist())
+            assert np.all(np.diff(lengths[group]) <= 0)  # longest first within its group
+    assert np.array_equal(grouped.permutation(1),
+                          Batches(td, "ift", 2, 64, seed=5, group_by_length=True).permutation(1))
+
+    def padding(b):
+        pads = 0
+        for _ in range(150):  # one epoch
+            batch = next(b)
+            pads += batch.input_ids.numel() - batch.n_tokens
+        return pads
+
+    assert padding(grouped) < padding(plain) / 4
+    with pytest.raises(ValueError, match="group_by_length"):
+        Batches(tokenize_cpt(FACTS, tok), "cpt", 2, 8, group_by_length=True)

@@ -338,6 +338,26 @@ def test_continuing_equals_training_in_one_go(world, tmp_path, name, regime):
     assert man["parameters"]["trainable"] < man["parameters"]["total"] or name == "full"
 
 
+def test_length_grouped_ift_continues_exactly_and_changes_the_batches(world, tmp_path):
+    """train.group_by_length: a longer duration continuing a shorter one equals training in one
+    go (the grouped order is a function of seed and epoch), and it is another run than the
+    plain shuffled order (other batches: other weights, and its config fingerprint differs)."""
+    kw = dict(method=METHOD_CASES["full"], durations=[1, 2], progress=False)
+    grouped = dict(CFG, batch_size=2, group_by_length=True)
+    one = finetune(world / "base", world / "math_ift", "ift", train_cfg=grouped, duration=2,
+                   out_dir=tmp_path / "one" / "2", **kw)
+    finetune(world / "base", world / "math_ift", "ift", train_cfg=grouped, duration=1, out_dir=tmp_path / "two" / "1",
+             **kw)
+    finetune(world / "base", world / "math_ift", "ift", train_cfg=grouped, duration=2,
+             prev_checkpoint_dir=tmp_path / "two" / "1", out_dir=tmp_path / "two" / "2", **kw)
+    assert _same_weights(_weights(tmp_path / "one" / "2"), _weights(tmp_path / "two" / "2"))
+    plain = finetune(world / "base", world / "math_ift", "ift", train_cfg=dict(grouped, group_by_length=False),
+                     duration=2, out_dir=tmp_path / "plain" / "2", **kw)
+    assert plain["step"] == one["step"]
+    assert not _same_weights(_weights(tmp_path / "one" / "2"), _weights(tmp_path / "plain" / "2"))
+    assert one["run_cfg"]["train_cfg"]["group_by_length"] is True
+
+
 def test_length_dependent_schedule_restarts_unless_shared(world, tmp_path):
     kw = dict(method={"type": "full"}, durations=[1, 2], progress=False)
     cfg = dict(CFG, schedule="cosine", warmup_fraction=0.2)

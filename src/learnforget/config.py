@@ -297,6 +297,8 @@ def check(cfg: dict) -> None:
     arch = _check_component("model", validate_arch, cfg["model"])
     context = arch["max_position_embeddings"]
     base_train = _check_component("base.train", TrainConfig.from_dict, cfg["base"]["train"])
+    if base_train.group_by_length:
+        raise ConfigError("base.train.group_by_length", "the base is pretrained on packed text: no padding to group")
     if base_train.seq_len > context and not is_pretrained(cfg):
         raise ConfigError("base.train.seq_len", f"{base_train.seq_len} exceeds model.max_position_embeddings {context}")
     for name, spec in cfg["data"]["hub"].items():
@@ -361,6 +363,11 @@ def check(cfg: dict) -> None:
             _check_component(f"{where}.sweep.lr", TrainConfig.from_dict, {**cfg["finetune"], **r.get("train", {}), "lr": lr})
         if r.get("packing") and r["regime"] != "ift":
             raise ConfigError(f"{where}.packing", "packing applies to ift runs (cpt text is always packed)")
+        if tc.group_by_length and (r["regime"] != "ift" or r.get("packing")):
+            key = f"{where}.train.group_by_length" if "group_by_length" in r.get("train", {}) else \
+                "finetune.group_by_length"
+            raise ConfigError(key, f"group_by_length applies to ift runs without packing ({r['name']} is "
+                                   f"{'packed ift' if r.get('packing') else r['regime']})")
         if tc.seq_len > context:
             raise ConfigError(f"{where}.train.seq_len", f"{tc.seq_len} exceeds model.max_position_embeddings {context}")
         durations = r.get("durations", cfg["durations"]["values"])

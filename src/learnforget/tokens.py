@@ -18,7 +18,11 @@ Batches (:class:`Batches`) are built from those arrays:
   right-padded to the longest row of the batch; targets are -100 on padding and where
   ``mask == 0`` (the prompt). With ``packing=True`` IFT examples are packed like CPT windows
   instead (no padding; an example may continue into the next window; the loss still counts
-  only where ``mask == 1``).
+  only where ``mask == 1``). With ``group_by_length=True`` (padded IFT only) each epoch's
+  shuffled order is cut into groups of ``GROUP_BATCHES`` batches and each group is sorted by
+  example length, longest first (as transformers' ``group_by_length``): a batch then holds
+  examples of similar length and little padding, and every example is still seen once per
+  epoch; which examples share a batch changes, and so do the results.
 
 Epochs are shuffled with ``numpy.random.default_rng([seed, epoch])``, so the order depends
 only on the seed and the epoch. Batches are drawn from the endless sequence of shuffled
@@ -43,6 +47,7 @@ from learnforget.io import atomic_path, read_json, write_json
 
 REGIMES = ("cpt", "ift")
 IGNORE_INDEX = -100
+GROUP_BATCHES = 64  # group_by_length: batches per length-sorted group
 
 
 @dataclass
@@ -257,7 +262,7 @@ class Batches:
     """Endless, resumable batches over shuffled epochs of a :class:`TokenData` (see module doc)."""
 
     def __init__(self, td: TokenData, regime: str, batch_size: int, seq_len: int, seed: int = 0,
-                 pad_id: int | None = None, packing: bool = False):
+                 pad_id: int | None = None, packing: bool = False, group_by_length: bool = False):
         if regime not in REGIMES:
             raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
         if td.regime is not None and td.regime != regime:
@@ -267,6 +272,9 @@ class Batches:
         self.td, self.regime, self.batch_size, self.seq_len, self.seed = td, regime, batch_size, seq_len, seed
         self.pad_id = int(pad_id if pad_id is not None else (td.eos_id if td.eos_id is not None else 0))
         self.packed = regime == "cpt" or bool(packing)
+        if group_by_length and self.packed:
+            raise ValueError("group_by_length applies to padded ift batches (cpt and packed ift have no padding)")
+        self.group_by_length = bool(group_by_length)
         if self.packed:
             self.n_items = (td.n_tokens - 1) // seq_len
             if self.n_items < 1:
@@ -299,6 +307,12 @@ class Batches:
     def permutation(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
+            if self.group_by_length:
+                lengths = np.minimum(np.diff(self.td.offsets), self.seq_len + 1)
+                size = GROUP_BATCHES * self.batch_size
+                self._perm = np.concatenate([
+                    g[np.argsort(-lengths[g], kind="stable")]
+                    for g in np.split(self._perm, range(size, self.n_items, size))])
             self._perm_epoch = epoch
         return self._perm
 

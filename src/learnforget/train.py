@@ -96,6 +96,11 @@ class TrainConfig:
         metadata={"help": "Length of a length-dependent schedule (cosine): 'duration' (each duration is its own run, "
                           "trained from the base) or 'longest' (one schedule over the run's longest duration; "
                           "shorter durations are its intermediate checkpoints)."})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "IFT with padded rows: batches of examples of similar length (each epoch's shuffled order is "
+                "sorted by length within groups of 64 batches, longest first, as transformers' group_by_length), "
+                "so less padding is computed (bench/train.py). Every example is still seen once per epoch, but "
+                "which examples share a batch changes, and so do the results. Not for cpt or packed runs."})
     precision: str = field(default="fp32", metadata={
         "help": "fp32, or bf16 (autocast; fp32 master weights and optimizer state)."})
     threads: int = field(default=2, metadata={"help": "torch.set_num_threads (set from the rule's threads)."})
@@ -127,8 +132,9 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "threads"):
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
                 bad(name, "must be a positive integer")
-        if not isinstance(self.compile, bool):
-            bad("compile", "must be true or false")
+        for name in ("compile", "group_by_length"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
         if self.micro_batch_size is not None and not (is_int(self.micro_batch_size) and self.micro_batch_size >= 1):
             bad("micro_batch_size", "must be a positive integer or null")
         if self.optimizer not in OPTIMIZERS:
@@ -790,7 +796,7 @@ def finetune(
     if td.eos_id is not None and td.eos_id != tokenizer.eos_token_id:
         raise ValueError(f"tokens use eos id {td.eos_id} but the tokenizer's is {tokenizer.eos_token_id}")
     batches = Batches(td, regime, cfg.batch_size, cfg.seq_len, seed=cfg.seed, pad_id=tokenizer.pad_token_id,
-                      packing=packing)
+                      packing=packing, group_by_length=cfg.group_by_length)
     steps = duration_to_steps(duration, unit, batches)
     plan = plan_segment(cfg, m, part, steps, duration_to_steps(max(durations), unit, batches))
     end_step, schedule_total = plan["end_step"], plan["schedule_total"]
