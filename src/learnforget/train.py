@@ -110,9 +110,9 @@ class TrainConfig:
         "help": "Also save it every N minutes of training (0: off)."})
     compile: bool = field(default=False, metadata={
         "help": "Run the model's forward and backward through torch.compile (inductor). The first steps compile "
-                "(about 25 s cold on 2 CPU cores for the default model; Inductor's cache makes later jobs "
-                "start faster); steady steps were 1.2x faster on CPU (bench/train.py). Worth it for jobs of "
-                "thousands of steps, not for the default study's. Same results within float rounding."})
+                "(about 23 s cold on 2 CPU cores for the default model; Inductor's cache makes later jobs "
+                "start faster); steady steps were 1.03-1.07x faster on CPU (bench/train.py). Worth it for "
+                "jobs of thousands of steps, not for the default study's. Same results within float rounding."})
     tensorboard: bool = field(default=False, metadata={
         "help": "Also log loss, lr and grad norm to TensorBoard (in the checkpoint's tensorboard/; needs tensorboard)."})
     seed: int = field(default=0, metadata={"help": "Seed for init, adapter init, data order, dropout."})
