@@ -356,6 +356,8 @@ def test_length_grouped_ift_continues_exactly_and_changes_the_batches(world, tmp
     assert plain["step"] == one["step"]
     assert not _same_weights(_weights(tmp_path / "one" / "2"), _weights(tmp_path / "plain" / "2"))
     assert one["run_cfg"]["train_cfg"]["group_by_length"] is True
+    # off, it is not part of a run's identity: checkpoints and Snakemake params from before it existed match
+    assert "group_by_length" not in plain["run_cfg"]["train_cfg"]
 
 
 def test_length_dependent_schedule_restarts_unless_shared(world, tmp_path):

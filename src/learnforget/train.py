@@ -53,6 +53,10 @@ PRECISIONS = ("fp32", "bf16")
 # Settings that change how a job runs but not what it computes: excluded from the comparison
 # that decides whether a checkpoint may be continued, and from Snakemake's params.
 RUNTIME_KEYS = ("threads", "save_every_steps", "save_every_minutes", "tensorboard", "micro_batch_size", "compile")
+# Settings added after checkpoints existed whose off value is the earlier behaviour: left out of
+# the run's identity while off, so earlier checkpoints can still be continued and Snakemake's
+# params of existing studies do not change (which would retrain them).
+OFF_BY_DEFAULT_KEYS = ("group_by_length",)
 
 # How the durations of one run relate (TrainConfig.mode):
 MODES = {
@@ -192,8 +196,10 @@ class TrainConfig:
         return d
 
     def result_dict(self) -> dict[str, Any]:
-        """The settings that change what training computes (``to_dict`` minus RUNTIME_KEYS)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
+        """The settings that change what training computes (``to_dict`` minus RUNTIME_KEYS, and
+        minus the OFF_BY_DEFAULT_KEYS that are off)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in RUNTIME_KEYS and not (k in OFF_BY_DEFAULT_KEYS and v is False)}
 
     @property
     def length_independent(self) -> bool:
