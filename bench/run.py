@@ -167,6 +167,18 @@ def run_part(part: str, study: Path | None) -> None:
     log(f"{script.name}: {time.perf_counter() - t0:.0f} s")
 
 
+def first_table(text: str) -> list[list[str]]:
+    """The cells of the body rows of the first markdown table in ``text`` (header and rule left out)."""
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("|")), len(lines))
+    body = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        body.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return body
+
+
 def table_row(text: str, start: str) -> list[str] | None:
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -193,23 +205,14 @@ def main(parts: list[str]) -> None:
     files = {p: ROOT / "bench" / f"{p}-results.md" for p in PARTS}
     texts = {p: f.read_text() if f.exists() else "" for p, f in files.items()}
     rows = []
-    for part in ("pipeline",):
-        for line in texts[part].splitlines()[6:]:
-            if line.startswith("| ") and not line.startswith("| rule"):
-                rows.append(line)
-            elif not line.strip() and rows:
-                break
+    rows += ["| " + " | ".join(c) + " |" for c in first_table(texts["pipeline"])]
     for part, start in HEADLINES:
         cells = table_row(texts[part], start)
         if cells is not None:
             rows.append("| " + " | ".join(cells[:4]) + " |" if part != "spectral" else
                         f"| spectral: singular values of one 4096 x 4096 matrix ({cells[1]}), s: ours vs "
                         f"numpy.linalg.svd | {cells[2]} | {cells[3]} | {cells[4]} faster |")
-    dag = texts["dag"]
-    for line in dag.splitlines():
-        if line.startswith("| ") and "measurement" not in line:
-            c = [x.strip() for x in line.strip("|").split("|")]
-            rows.append(f"| {c[0]}, s vs target | {c[1]} | {c[2]} | {c[3]} |")
+    rows += [f"| {c[0]}, s vs target | {c[1]} | {c[2]} | {c[3]} |" for c in first_table(texts["dag"])]
     stamp = {p: (time.strftime("%Y-%m-%d %H:%M", time.localtime(f.stat().st_mtime)) if f.exists() else "never")
              for p, f in files.items()}
     text = ("# Benchmarks\n\n    python bench/run.py\n\n"

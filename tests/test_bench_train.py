@@ -152,3 +152,4 @@ def test_run_gathers_job_overheads_and_table_rows(tmp_path):
     text = "# T\n\n| measurement | ours | baseline | ratio |\n|---|---|---|---|\n| tokens/s, x: a | 1 | 2 | 0.50x |\n"
     assert run.table_row(text, "tokens/s, x") == ["tokens/s, x: a", "1", "2", "0.50x"]
     assert run.table_row(text, "MFU") is None
+    assert run.first_table(text + "\n| rule | s |\n|---|---|\n| x | 1 |\n") == [["tokens/s, x: a", "1", "2", "0.50x"]]
