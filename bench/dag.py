@@ -28,14 +28,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from learnforget.io import write_text  # noqa: E402
+from learnforget.core.io import write_text  # noqa: E402
 
 PAPER = ROOT / "config" / "paper.yaml"
 
 
 def paper_counts() -> tuple[int, int]:
     """(runs, checkpoints) of config/paper.yaml."""
-    from learnforget import config as lfconfig
+    from learnforget.study import config as lfconfig
 
     runs = lfconfig.expand_runs(lfconfig.validate(yaml.safe_load(PAPER.read_text())))
     return len(runs), sum(len(r.labels) for r in runs)

@@ -7,7 +7,7 @@ STUDY is a folder holding a finished default study's ``results/`` (default: this
 ``BENCH_RESULTS`` names a results folder directly). Rows:
 
 - ours vs lm-eval called directly, on the same checkpoint, task, batch size, limit, generation
-  settings and seeds: ``learnforget.evaluation.evaluate_checkpoint`` (its ``timing_s.evaluate``)
+  settings and seeds: ``learnforget.evaluate.harness.evaluate_checkpoint`` (its ``timing_s.evaluate``)
   against ``lm_eval.simple_evaluate`` on an HFLM of the same folder, with the task objects built
   before the clock starts on both sides (the baseline). Each pair is run alternately, best of
   ``BENCH_REPEATS``; the outputs column compares the two runs' per-sample records (their
@@ -16,7 +16,7 @@ STUDY is a folder holding a finished default study's ``results/`` (default: this
   - generation: new tokens/s (tokens of the completions as scored, after the cut at the stop
     sequence) for greedy math answers (lf_math) and for sampled code (lf_code_gen, 5 samples per
     problem at temperature 0.2, top-p 0.95);
-- the glibc heap setting (``learnforget.perf.tune_allocator``, applied by ``evaluate_checkpoint``
+- the glibc heap setting (``learnforget.core.perf.tune_allocator``, applied by ``evaluate_checkpoint``
   and process-wide, so the rows above have it on both sides): rolling log-likelihood of held-out
   source (lf_code, 32 x 512-token windows per batch) in two processes, with it and with
   ``LEARNFORGET_MALLOC=default``;
@@ -48,8 +48,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from learnforget.evaluation import _compact_sample, evaluate_checkpoint, render_tasks  # noqa: E402
-from learnforget.io import write_text  # noqa: E402
+from learnforget.evaluate.harness import _compact_sample, evaluate_checkpoint, render_tasks  # noqa: E402
+from learnforget.core.io import write_text  # noqa: E402
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))  # the study's evaluate jobs use 1 thread
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
@@ -161,7 +161,7 @@ spec = importlib.util.spec_from_file_location("bench_eval", sys.argv[1])
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 import torch
-from learnforget import perf
+from learnforget.core import perf
 torch.set_num_threads(int(sys.argv[4]))
 tmp = Path(sys.argv[5])
 runs = [bench.ours(Path(sys.argv[2]), Path(sys.argv[3]), bench._plain("lf_code"), tmp) for _ in range(3)]

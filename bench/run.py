@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from learnforget.io import write_text  # noqa: E402
+from learnforget.core.io import write_text  # noqa: E402
 
 PARTS = ("pipeline", "train", "eval", "spectral", "dag")
 # headline rows: (part, start of the measurement cell in that part's table)

@@ -2,7 +2,7 @@
 
     python bench/spectral.py       # prints a markdown table and writes bench/spectral-results.md
 
-- ours: ``learnforget.spectral._svdvals`` (``torch.linalg.svdvals`` in float32, the call
+- ours: ``learnforget.analyze.spectral._svdvals`` (``torch.linalg.svdvals`` in float32, the call
   ``analyze`` makes three times per weight matrix) on CPU, and on CUDA when torch sees a GPU
   (host-to-device copy and the copy back included, as in ``analyze``; synchronised);
 - baseline: ``numpy.linalg.svd(A, compute_uv=False)`` on the same float32 matrix, on CPU, in
@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from learnforget.io import write_text  # noqa: E402
-from learnforget.spectral import _svdvals, rank_for_variance  # noqa: E402
+from learnforget.core.io import write_text  # noqa: E402
+from learnforget.analyze.spectral import _svdvals, rank_for_variance  # noqa: E402
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "1"))
 THREADS = int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1)))
@@ -223,7 +223,7 @@ def main() -> None:
         f"Machine: {desc}; {time.strftime('%Y-%m-%d')}. Best of {REPEATS} for the 7B shapes, "
         f"of {SMALL_REPEATS} for 192x512.",
         "",
-        "Ours: `learnforget.spectral._svdvals` (`torch.linalg.svdvals`, float32; on a GPU including the copies "
+        "Ours: `learnforget.analyze.spectral._svdvals` (`torch.linalg.svdvals`, float32; on a GPU including the copies "
         "to and from it). Baseline: `numpy.linalg.svd(A, compute_uv=False)` on the same float32 Gaussian "
         "matrix on CPU, same run; ratio = numpy / ours. Agreement: largest difference of the two spectra, "
         "relative to the largest singular value and elementwise.",

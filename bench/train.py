@@ -2,7 +2,7 @@
 
     python bench/train.py          # prints a markdown table and writes bench/train-results.md
 
-- tokens/s: ``learnforget.train.train`` (ours) vs a plain ``transformers.Trainer`` (the
+- tokens/s: ``learnforget.train.loop.train`` (ours) vs a plain ``transformers.Trainer`` (the
   baseline) on the default study's model (config/config.yaml ``model:``, built by
   ``build_model`` with seed 0, so both start from the same weights), for full finetuning and
   LoRA (r 8, alpha 16, all linear modules of the blocks: ours through the method registry,
@@ -14,13 +14,13 @@
   ``finetune:``), AdamW with lr 1e-3, betas (0.9, 0.95), eps 1e-8, no weight decay, constant
   LR without warm-up, gradient clipping at 1.0, the same torch thread count and the same
   number of steps. The Trainer keeps its default optimizer implementation (with torch >= 2.8
-  ``adamw_torch_fused``; ours is fused too, ``learnforget.optim``) and runs without evaluation, saving,
+  ``adamw_torch_fused``; ours is fused too, ``learnforget.train.optim``) and runs without evaluation, saving,
   reporting, progress bar or dataloader workers, logging once. Tokens are the non-padding
   input tokens (every token for CPT; the same count for both trainers). The first
   ``BENCH_WARMUP`` steps are not timed: rates run from the end of that step to the end of the
   last one. The table shows both trainers' mean training loss: equal, they computed the same.
 - MFU: our achieved FLOP/s over the float32 matmul peak measured in this run with the same
-  thread count (``learnforget.accounting.measured_peak_flops``, best of 5, n = 1024 and 2048,
+  thread count (``learnforget.train.accounting.measured_peak_flops``, best of 5, n = 1024 and 2048,
   at the start and at the end: the largest), through ``accounting.speed``. FLOPs per token,
   full: ``modeling.flops_per_token`` (6 N + attention; N = matmul weights incl. the output
   head); LoRA: that - 2 N + 6 N_lora (forward 2 N, backward through the frozen weights 2 N for
@@ -31,7 +31,7 @@
   share); measured before and after the training cases, the faster of the two.
 - settings (code CPT, full finetuning, ours, one thing changed each): glibc's default heap
   thresholds (``LEARNFORGET_MALLOC=default``) vs the raised ones ``train`` sets
-  (``learnforget.perf``); the model under ``torch.compile`` (``train.compile``; inductor, a cold
+  (``learnforget.core.perf``); the model under ``torch.compile`` (``train.compile``; inductor, a cold
   cache folder) vs eager, with the first step's seconds and after how many steps compiling
   pays, and its MFU; two 1-thread jobs at once (what the default study runs on 2 cores) vs
   one job with ``BENCH_THREADS``; and on math IFT ``train.group_by_length`` vs the plain
@@ -72,7 +72,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from learnforget.io import write_text  # noqa: E402
+from learnforget.core.io import write_text  # noqa: E402
 
 STEPS = int(os.environ.get("BENCH_STEPS", "40"))
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
@@ -173,7 +173,7 @@ def settings_rows(best: dict, threads: int, fpt_peak: tuple | None = None) -> li
     rows = []
     off = best["malloc-default"]
     rows.append(("tokens/s, full, code CPT: ours vs ours with glibc's default heap thresholds "
-                 "(LEARNFORGET_MALLOC=default; learnforget.perf)", f"{main['tokens_per_s']:,.0f}",
+                 "(LEARNFORGET_MALLOC=default; learnforget.core.perf)", f"{main['tokens_per_s']:,.0f}",
                  f"{off['tokens_per_s']:,.0f}", f"{main['tokens_per_s'] / off['tokens_per_s']:.2f}x"))
     comp = best["compile"]
     gain = main["step_s"] - comp["step_s"]
@@ -185,7 +185,7 @@ def settings_rows(best: dict, threads: int, fpt_peak: tuple | None = None) -> li
                  f"{main['mean_loss']:.4f}", f"{comp['tokens_per_s']:,.0f}", f"{main['tokens_per_s']:,.0f}",
                  f"{comp['tokens_per_s'] / main['tokens_per_s']:.2f}x"))
     if fpt_peak is not None:
-        from learnforget.accounting import speed
+        from learnforget.train.accounting import speed
 
         (f, _), peak = fpt_peak
         mfu = speed(comp["tokens"], comp["seconds"], f, peak)
@@ -246,7 +246,7 @@ class Memory:
     def _read(self, key):
         if self.status.exists():
             return proc_status_mib(self.status.read_text(), key)
-        from learnforget.accounting import peak_memory_mib
+        from learnforget.train.accounting import peak_memory_mib
 
         return peak_memory_mib("cpu")["peak_memory_mib"]
 
@@ -260,7 +260,7 @@ class Memory:
 def _setup(work: Path, regime: str, group_by_length: bool = False):
     from transformers import AutoTokenizer
 
-    from learnforget.tokens import Batches, load_tokens
+    from learnforget.data.tokens import Batches, load_tokens
 
     tok = AutoTokenizer.from_pretrained(work / "tok")
     td = load_tokens(work / f"tokens-{regime}", mmap=False)
@@ -277,10 +277,11 @@ def train_cfg_dict() -> dict:
 
 def run_ours(work: Path, arch: dict, regime: str, method: str, steps: int, warmup: int, threads: int = THREADS,
              compile: bool = False, group_by_length: bool = False) -> dict:
-    from learnforget.io import read_jsonl
-    from learnforget.methods import method_from_dict
-    from learnforget.modeling import build_model, count_parameters
-    from learnforget.train import TrainConfig, train
+    from learnforget.core.io import read_jsonl
+    from learnforget.train.methods import method_from_dict
+    from learnforget.train.modeling import build_model, count_parameters
+    from learnforget.train.settings import TrainConfig
+    from learnforget.train.loop import train
 
     torch.set_num_threads(threads)
     tok, _, make_batches = _setup(work, regime, group_by_length)
@@ -306,7 +307,7 @@ def run_ours(work: Path, arch: dict, regime: str, method: str, steps: int, warmu
 def run_hf(work: Path, arch: dict, regime: str, method: str, steps: int, warmup: int) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from learnforget.modeling import build_model, count_parameters
+    from learnforget.train.modeling import build_model, count_parameters
 
     torch.set_num_threads(THREADS)
     tok, _, make_batches = _setup(work, regime)
@@ -410,9 +411,9 @@ def run_case(work: Path, arch: dict, trainer: str, regime: str, method: str, ste
 
 def build_data(cfg_all: dict, work: Path) -> None:
     from learnforget import data
-    from learnforget.io import read_jsonl
-    from learnforget.tokenizer import train_tokenizer
-    from learnforget.tokens import save_tokens, tokenize_cpt, tokenize_ift
+    from learnforget.core.io import read_jsonl
+    from learnforget.data.tokenizer import train_tokenizer
+    from learnforget.data.tokens import save_tokens, tokenize_cpt, tokenize_ift
 
     data.build_math(cfg_all["data"]["math"], 0, work / "math")
     data.build_code(cfg_all["data"]["code"], 0, work / "code")
@@ -425,7 +426,7 @@ def build_data(cfg_all: dict, work: Path) -> None:
 
 
 def peak_flops() -> float:
-    from learnforget.accounting import measured_peak_flops
+    from learnforget.train.accounting import measured_peak_flops
 
     return max(measured_peak_flops("cpu", torch.float32, n=n) for n in (1024, 2048))
 
@@ -433,8 +434,8 @@ def peak_flops() -> float:
 def flops_per_token_of(work: Path, arch: dict, method: str, seq_len: int) -> tuple[float, str]:
     from transformers import AutoTokenizer
 
-    from learnforget.methods import method_from_dict
-    from learnforget.modeling import build_model, count_parameters, flops_per_token
+    from learnforget.train.methods import method_from_dict
+    from learnforget.train.modeling import build_model, count_parameters, flops_per_token
 
     base = build_model(arch, AutoTokenizer.from_pretrained(work / "tok"), seed=0)
     full = flops_per_token(base.config, seq_len)
@@ -447,15 +448,16 @@ def flops_per_token_of(work: Path, arch: dict, method: str, seq_len: int) -> tup
 
 def optimizer_ms(work: Path, arch: dict, method: str, repeats: int = 20) -> tuple[float, float]:
     """Median milliseconds of gradient clipping + optimizer step on the model's trainable
-    parameters (fixed random gradients): ours (``learnforget.train.make_optimizer``: torch
+    parameters (fixed random gradients): ours (``learnforget.train.loop.make_optimizer``: torch
     AdamW, fused; ``clip_grad_norm_(foreach=True)``, as ``train`` calls them) vs the HF
     Trainer's (AdamW fused=True, its default ``adamw_torch_fused`` with torch >= 2.8;
     ``clip_grad_norm_`` with torch's default), alternating."""
     from transformers import AutoTokenizer
 
-    from learnforget.methods import method_from_dict
-    from learnforget.modeling import build_model
-    from learnforget.train import TrainConfig, make_optimizer
+    from learnforget.train.methods import method_from_dict
+    from learnforget.train.modeling import build_model
+    from learnforget.train.settings import TrainConfig
+    from learnforget.train.loop import make_optimizer
 
     cfg = train_cfg_dict()
     tok = AutoTokenizer.from_pretrained(work / "tok")
@@ -491,8 +493,8 @@ def saved_activation_mib(work: Path, arch: dict, method: str) -> float:
     loss of our loop, on the first code CPT batch (a full 16 x 128 one)."""
     import torch.nn.functional as F
 
-    from learnforget.methods import method_from_dict
-    from learnforget.modeling import build_model
+    from learnforget.train.methods import method_from_dict
+    from learnforget.train.modeling import build_model
 
     tok, _, make_batches = _setup(work, "cpt")
     model = method_from_dict({"type": "full"} if method == "full" else LORA).prepare(build_model(arch, tok))
@@ -520,7 +522,7 @@ def saved_tensor_bytes(model: torch.nn.Module, loss_fn) -> int:
 
 
 def main() -> None:
-    from learnforget.accounting import speed
+    from learnforget.train.accounting import speed
 
     torch.set_num_threads(THREADS)
     load0, date = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M")
@@ -620,7 +622,7 @@ def main() -> None:
             f"untimed ones per case, best of {REPEATS} (ours and the baseline alternating, each in a fresh "
             f"process); tokens = non-padding input tokens. Baseline: transformers {transformers.__version__} "
             f"Trainer (peft {peft.__version__}), its default optimizer {hf_optim}; ours: torch AdamW, fused, "
-            f"with glibc's heap thresholds raised (learnforget.perf). "
+            f"with glibc's heap thresholds raised (learnforget.core.perf). "
             f"Matmul peak: float32, {THREADS} threads, "
             f"{peak0 / 1e9:.1f} GFLOP/s at the start, {peak1 / 1e9:.1f} at the end. "
             f"Whole bench: {time.perf_counter() - t_start:.0f} s.\n\n{markdown_table(rows)}")

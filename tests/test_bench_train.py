@@ -50,7 +50,7 @@ def test_lora_flops_formula(bench):
 def test_matmul_params_is_flops_per_token_n(bench):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from learnforget.modeling import flops_per_token
+    from learnforget.train.modeling import flops_per_token
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
@@ -71,7 +71,7 @@ def test_matmul_params_is_flops_per_token_n(bench):
 
 
 def test_item_sequence_is_our_batch_order(bench):
-    from learnforget.tokens import Batches, TokenData
+    from learnforget.data.tokens import Batches, TokenData
 
     docs = [np.arange(1, 3 + i % 5, dtype=np.int32) for i in range(11)]
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
@@ -88,7 +88,7 @@ def test_item_sequence_is_our_batch_order(bench):
 
 
 def test_train_cfg_is_valid_and_plain_adamw(bench):
-    from learnforget.train import TrainConfig
+    from learnforget.train.settings import TrainConfig
 
     cfg = TrainConfig.from_dict(bench.train_cfg_dict())
     assert (cfg.optimizer, cfg.weight_decay, cfg.schedule, cfg.warmup_steps) == ("adamw", 0.0, "constant", 0)

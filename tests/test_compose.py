@@ -13,13 +13,16 @@ import pytest
 import torch
 import yaml
 
-from learnforget import compose, figures, integrity, modelcard
-from learnforget.config import ConfigError, validate
-from learnforget.io import read_json
-from learnforget.modeling import build_model, load_model
-from learnforget.report import compose_section
-from learnforget.tokens import save_tokens, tokenize_cpt, tokenize_ift
-from learnforget.train import finetune
+from learnforget.compose import lorahub as compose
+from learnforget.report import figures
+from learnforget.core import integrity
+from learnforget.core import modelcard
+from learnforget.study.config import ConfigError, validate
+from learnforget.core.io import read_json
+from learnforget.train.modeling import build_model, load_model
+from learnforget.report.markdown import compose_section
+from learnforget.data.tokens import save_tokens, tokenize_cpt, tokenize_ift
+from learnforget.train.loop import finetune
 from workflow_utils import REPO, planned_jobs, snakemake
 
 torch.set_num_threads(1)
@@ -35,7 +38,7 @@ LORA = {"type": "lora", "rank": 4, "alpha": 8}
 
 
 def _tokenizer(texts):
-    from learnforget.tokenizer import build_tokenizer
+    from learnforget.data.tokenizer import build_tokenizer
 
     return build_tokenizer(texts, vocab_size=300, min_frequency=0)
 
@@ -60,7 +63,7 @@ def world(tmp_path_factory):
 
 
 def _batch(world, records=MATH[:6]):
-    from learnforget.tokenizer import load_tokenizer
+    from learnforget.data.tokenizer import load_tokenizer
 
     return compose.tokenize_examples(records, load_tokenizer(world / "base"), domain="math", regime="ift",
                                      seq_len=32, template=TEMPLATE)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from learnforget import config as lfconfig
+from learnforget.study import config as lfconfig
 from workflow_utils import REPO
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from learnforget import io
+from learnforget.core import io
 from learnforget.data import (
     CodeConfig,
     MathConfig,

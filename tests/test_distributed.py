@@ -11,8 +11,8 @@ import socket
 import pytest
 import torch
 
-from learnforget.io import read_jsonl
-from learnforget.launch import finetune_job
+from learnforget.core.io import read_jsonl
+from learnforget.train.launch import finetune_job
 from test_train import world  # noqa: F401  (the tiny tokenizer, token folders and base model)
 
 TOLERANCE = 1e-4  # max relative difference of any step's loss; measured about 2e-7
@@ -57,7 +57,7 @@ def test_two_cpu_processes_match_one(world, tmp_path, regime):
 
 
 def test_full_finetuning_is_sharded_with_fsdp_and_matches_one_process(world, tmp_path):
-    """Full finetuning over 2 processes runs FSDP2 (learnforget.fsdp): sharded weights, gradients
+    """Full finetuning over 2 processes runs FSDP2 (learnforget.train.fsdp): sharded weights, gradients
     and optimizer state, gathered on the main process for snapshots and to save; same losses and
     weights as one process, and a one-process job continues from the FSDP job's optimizer state."""
     kw = dict(base_dir=world / "base", token_dir=world / "math_ift", regime="ift", method={"type": "full"},

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from learnforget.diversity import distinct_solutions, diversity, mean_pairwise_similarity, normalise_code
+from learnforget.score.diversity import distinct_solutions, diversity, mean_pairwise_similarity, normalise_code
 
 # The same algorithm, written four ways: comments, docstring, whitespace, names.
 SAME = [

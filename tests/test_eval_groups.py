@@ -9,9 +9,9 @@ import re
 import pandas as pd
 import pytest
 
-from learnforget import config as lfconfig
-from learnforget import evaluation as ev
-from learnforget.results import collect, group_rows, tidy_rows
+from learnforget.study import config as lfconfig
+from learnforget.evaluate import harness as ev
+from learnforget.report.metrics import collect, group_rows, tidy_rows
 
 GROUPS = {
     "math": {"role": "learning", "domain": "math", "tasks": ["lf_math"], "metric": "exact_match",
@@ -192,7 +192,7 @@ def test_group_rows_are_means_and_roles(tmp_path):
 def test_paper_protocol_validates_and_needs_its_four_datasets(tmp_path, monkeypatch):
     import yaml
 
-    from learnforget import hub
+    from learnforget.core import hub
 
     raw = lfconfig.load("config/config.yaml")
     raw["evaluation"] = yaml.safe_load(open("config/protocols/paper-eval.yaml"))["evaluation"]

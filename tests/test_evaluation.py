@@ -19,8 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
 
-from learnforget import evaluation as ev  # noqa: E402
-from learnforget.evaluation import TASKS, evaluate_checkpoint  # noqa: E402
+from learnforget.evaluate import harness as ev  # noqa: E402
+from learnforget.evaluate.harness import TASKS, evaluate_checkpoint  # noqa: E402
 
 #: The registry's lm-eval-scored tasks (sampled ones need sampling settings: see test_sampled_*).
 SCORED = {n: t for n, t in TASKS.items() if not t.sampled}
@@ -125,7 +125,7 @@ def test_registry_matches_task_yamls():
         assert cfg["dataset_kwargs"]["data_files"] == {
             s: rel if rel == ev.HUMANEVAL_DATA else f"{{data_root}}/{rel}" for s, rel in task.data.items()}
         listed = {m["metric"] for m in cfg["metric_list"]}
-        if task.sampled:  # lm-eval only generates (bypass); learnforget.scoring scores
+        if task.sampled:  # lm-eval only generates (bypass); learnforget.score.samples scores
             assert listed == {"bypass"} and cfg["output_type"] == "generate_until"
             continue
         filters = {f["name"] for f in cfg.get("filter_list", [])} or {"none"}
@@ -276,7 +276,7 @@ def test_evaluate_checkpoint_all_tasks_with_adapter(tiny, tmp_path):
         assert got[(task, "byte_perplexity,none")] == pytest.approx(2**bpb)
     assert got[("lf_math_answer", "perplexity,none")] > 1
     assert out["n-samples"]["lf_facts"]["effective"] == 5
-    assert out["configs"]["lf_math"]["metadata"]["config_source"] == "learnforget/tasks/lf_math.yaml"
+    assert out["configs"]["lf_math"]["metadata"]["config_source"] == "learnforget/evaluate/tasks/lf_math.yaml"
     data_files = out["configs"]["lf_math"]["dataset_kwargs"]["data_files"]
     assert data_files["test"] == str((tiny / "data/math/test.jsonl").resolve())
     assert out["config"]["model_args"]["peft"] == str(tiny / "adapter")
@@ -289,7 +289,7 @@ def test_evaluate_checkpoint_all_tasks_with_adapter(tiny, tmp_path):
     quiz_rec = next(r for r in recs if r["task"] == "lf_facts")
     assert len(quiz_rec["loglikelihood"]) == 4 and quiz_rec["acc"] in (0.0, 1.0)
 
-    from learnforget.results import tidy_rows
+    from learnforget.report.metrics import tidy_rows
 
     rows = tidy_rows(out)
     assert {(r["task"], r["metric"]) for r in rows} == {
@@ -378,8 +378,8 @@ def _sampled(task, scorer, limit, samples=3, batch_size=4):
 
 
 def test_sampled_tasks_generate_n_per_problem_reproducibly_and_score(tiny, tmp_path):
-    from learnforget.sandbox import STATUSES
-    from learnforget.scoring import score_generations
+    from learnforget.score.sandbox import STATUSES
+    from learnforget.score.samples import score_generations
 
     plan = [_sampled("lf_humaneval", "humaneval", 2), _sampled("lf_code_gen", "syntax", None),
             {"task": "lf_facts", "group": "forgetting", "num_fewshot": None, "limit": None, "batch_size": 8,
@@ -416,7 +416,7 @@ def test_sampled_tasks_generate_n_per_problem_reproducibly_and_score(tiny, tmp_p
     assert all(e["status"] in STATUSES and not e["passed"] for e in he_ex)
     assert sum(scored["details"]["lf_humaneval"]["status_counts"].values()) == 6
 
-    from learnforget.results import tidy_rows
+    from learnforget.report.metrics import tidy_rows
 
     rows = {(r["task"], r["metric"]): r["role"] for r in tidy_rows(scored)}
     assert rows[("lf_humaneval", "pass@2")] == "task" and rows[("lf_code_gen", "distinct")] == "diversity"
@@ -426,8 +426,8 @@ def test_sampled_tasks_generate_n_per_problem_reproducibly_and_score(tiny, tmp_p
 
 def test_scoring_canonical_solutions_pass(tmp_path):
     """The scoring path from a samples log to pass@k: canonical solutions pass, junk does not."""
-    from learnforget.humaneval import load_problems
-    from learnforget.scoring import score_generations
+    from learnforget.score.humaneval import load_problems
+    from learnforget.score.samples import score_generations
 
     problems = load_problems()
     ids = list(problems)
@@ -448,7 +448,7 @@ def test_scoring_canonical_solutions_pass(tmp_path):
 def test_builtin_paper_tasks_from_local_dataset_copies(tiny, tmp_path):
     """gsm8k (5-shot strict-match in the paper) and arc_challenge through lm-eval's own task
     configs, reading local copies of their hub datasets (evaluation.datasets)."""
-    from learnforget.hub import write_local_dataset
+    from learnforget.core.hub import write_local_dataset
 
     rng = random.Random(1)
     gsm = [{"question": f"Tom has {a} pens and buys {b}. How many?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
@@ -496,7 +496,7 @@ import json, sys
 import lm_eval
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
-from learnforget.evaluation import _compact_sample
+from learnforget.evaluate.harness import _compact_sample
 tasks_dir, model, tok, names, seed, out = sys.argv[1:]
 tm = TaskManager(include_path=tasks_dir, include_defaults=False)
 objs = list(tm.load(json.loads(names))["tasks"].values())
@@ -513,7 +513,7 @@ json.dump({"results": res["results"], "records": records, "lm_eval_version": res
 
 def test_scores_match_lm_eval_called_directly(tiny, tmp_path):
     """evaluate_checkpoint's speed-ups (lm-eval without its environment report and with each
-    prompt template compiled once: ``_lean_lm_eval``; glibc heap thresholds: learnforget.perf)
+    prompt template compiled once: ``_lean_lm_eval``; glibc heap thresholds: learnforget.core.perf)
     change no score. The baseline is plain lm-eval in another process with glibc's default heap
     (LEARNFORGET_MALLOC=default), on the same model, tasks, batch size and seeds. Stated
     tolerance: metrics and completions (greedy and sampled) identical; per-request
@@ -524,7 +524,7 @@ def test_scores_match_lm_eval_called_directly(tiny, tmp_path):
     import lm_eval.evaluator
     import lm_eval.utils
 
-    from learnforget import perf
+    from learnforget.core import perf
 
     originals = lm_eval.utils.apply_template, lm_eval.evaluator.add_env_info
     code_gen = _sampled("lf_code_gen", "syntax", None)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from learnforget import figures as F
-from learnforget import report as R
+from learnforget.report import figures as F
+from learnforget.report import markdown as R
 
 LEARNING = {"math": ("lf_math", "exact_match_strict-match"), "code": ("lf_code", "bits_per_byte")}
 FORGETTING = ("lf_facts", "acc")
@@ -358,7 +358,7 @@ def test_diversity_data(tmp_path):
 def test_spectrum_and_module_figures(tmp_path):
     import numpy as np
 
-    from learnforget.spectral import save_spectra
+    from learnforget.analyze.spectral import save_spectra
 
     s = make_spectral(n_layers=3)
     s["name"] = [f"model.layers.{l}.self_attn.{m}.weight" if "proj" in m and m[0] in "qkvo"

@@ -1,9 +1,9 @@
-"""FSDP2 on 2 CPU processes (gloo) trains a tiny Llama like one process does (learnforget.fsdp).
+"""FSDP2 on 2 CPU processes (gloo) trains a tiny Llama like one process does (learnforget.train.fsdp).
 
 Two processes, spawned once for the module, train a tiny tied-embedding Llama with full
 finetuning under ``fully_shard`` with AdamW and with Lion: each takes every second row of the
 global batch and scales its summed loss by the global number of loss tokens, as
-``learnforget.train.train`` does. One process trains the same model on whole batches here. The
+``learnforget.train.loop.train`` does. One process trains the same model on whole batches here. The
 two runs differ only by the order of floating-point sums (reduce-scatter, sharded norms).
 
 They also train with bf16 mixed precision (``precision="bf16"``: FSDP's policy, bf16 compute on
@@ -71,7 +71,7 @@ def _global_batch(step: int):
 
 def _step(model, opt, step: int, rank: int, world: int, all_reduce) -> tuple[float, float]:
     """One optimizer step on this rank's rows (train.py's loss scaling); (global loss, grad norm)."""
-    from learnforget import fsdp
+    from learnforget.train import fsdp
 
     inputs, targets = _global_batch(step)
     n_loss = int((targets != -100).sum())
@@ -88,7 +88,7 @@ def _step(model, opt, step: int, rank: int, world: int, all_reduce) -> tuple[flo
 
 
 def _optimizer(model, name):
-    from learnforget.optim import make_optimizer
+    from learnforget.train.optim import make_optimizer
 
     return make_optimizer(model, name, **HYPER[name])
 
@@ -97,7 +97,7 @@ def _optimizer(model, name):
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from learnforget import fsdp
+    from learnforget.train import fsdp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -241,7 +241,7 @@ def test_gathered_optimizer_state_is_a_plain_state_dict(runs, name):
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_unsharded_model_saves_a_plain_checkpoint(runs, name):
-    from learnforget.modeling import load_model
+    from learnforget.train.modeling import load_model
 
     two, one, saved = runs[name]
     model = load_model(saved)

@@ -1,4 +1,4 @@
-"""Offline preflight of hub datasets for lm-eval built-in tasks (learnforget.hub); no network."""
+"""Offline preflight of hub datasets for lm-eval built-in tasks (learnforget.core.hub); no network."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from learnforget import hub
+from learnforget.core import hub
 
 ENV_VARS = (
     "HF_HOME",

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from learnforget.humaneval import (STOP_SEQUENCES, aggregate_pass_at_k, build_program, load_problems,
+from learnforget.score.humaneval import (STOP_SEQUENCES, aggregate_pass_at_k, build_program, load_problems,
                                    pass_at_k, score_file, score_samples, truncate_completion)
 
 

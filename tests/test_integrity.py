@@ -1,4 +1,4 @@
-"""Checkpoint integrity (learnforget.integrity): fake checkpoints with real manifests, no model."""
+"""Checkpoint integrity (learnforget.core.integrity): fake checkpoints with real manifests, no model."""
 
 import json
 import os
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from learnforget import integrity
-from learnforget.integrity import STAMP, CorruptCheckpoint, quarantine, scan, verify
-from learnforget.io import sha256_file
+from learnforget.core import integrity
+from learnforget.core.integrity import STAMP, CorruptCheckpoint, quarantine, scan, verify
+from learnforget.core.io import sha256_file
 
 OLD = time.time() - 3600  # files "written an hour ago": past the racy window, so stamps are trusted
 
@@ -39,7 +39,7 @@ def snapshot(path: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def hashes(monkeypatch):
-    """Count the files learnforget.integrity hashes."""
+    """Count the files learnforget.core.integrity hashes."""
     calls = []
 
     def counting(path):
@@ -309,7 +309,7 @@ def test_the_exception_pickles():
 
 
 def test_verify_managed_leaves_foreign_model_folders_alone(tmp_path):
-    from learnforget.integrity import verify_managed
+    from learnforget.core.integrity import verify_managed
 
     (tmp_path / "hf-model").mkdir()
     (tmp_path / "hf-model" / "config.json").write_text("{}")

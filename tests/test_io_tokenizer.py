@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from learnforget import io, provenance
-from learnforget.tokenizer import load_tokenizer, train_tokenizer
+from learnforget.core import io
+from learnforget.core import provenance
+from learnforget.data.tokenizer import load_tokenizer, train_tokenizer
 
 
 def test_atomic_file_is_not_visible_until_complete(tmp_path):

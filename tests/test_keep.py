@@ -11,12 +11,13 @@ import shutil
 import pytest
 import yaml
 
-from learnforget import config as lfconfig
-from learnforget import integrity, keep
-from learnforget.integrity import DROPPED, CorruptCheckpoint
-from learnforget.io import read_json, sha256_file, write_json
-from learnforget.report import _disk_table
-from learnforget.train import finetune
+from learnforget.study import config as lfconfig
+from learnforget.core import integrity
+from learnforget.train import keep
+from learnforget.core.integrity import DROPPED, CorruptCheckpoint
+from learnforget.core.io import read_json, sha256_file, write_json
+from learnforget.report.markdown import _disk_table
+from learnforget.train.loop import finetune
 from test_train import CFG, _same_weights, _weights, world  # noqa: F401  (world: a fixture)
 from workflow_utils import REPO
 

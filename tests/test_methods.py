@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from learnforget.methods import METHODS, TARGET_GROUPS, MethodConfig, method_from_dict, register
-from learnforget.modeling import build_model, count_parameters
+from learnforget.train.methods import METHODS, TARGET_GROUPS, MethodConfig, method_from_dict, register
+from learnforget.train.modeling import build_model, count_parameters
 
 torch.set_num_threads(1)
 
@@ -160,7 +160,7 @@ def _batches(batch_size=4, seq_len=16):
     """A learnable CPT stream (a fixed arithmetic pattern of token ids)."""
     import numpy as np
 
-    from learnforget.tokens import Batches, TokenData
+    from learnforget.data.tokens import Batches, TokenData
 
     ids = (np.arange(3000) * 7 % 97 + 3).astype(np.int32)
     td = TokenData(ids, np.ones(len(ids), np.uint8), np.array([0, len(ids)]), {"regime": "cpt"})
@@ -172,7 +172,7 @@ X = torch.arange(3, 23).view(2, 10)
 
 
 def _run(m, model, end, start=0, state=None, total=None):
-    from learnforget.train import train
+    from learnforget.train.loop import train
 
     return train(model, _batches(), TRAIN_CFG, start_step=start, end_step=end, state=state,
                  schedule_total=total, method=m, progress=False)
@@ -215,7 +215,8 @@ def test_full_options_default_off_and_round_trip():
 
 
 def test_full_weight_decay_overrides_the_run(model):
-    from learnforget.train import TrainConfig, make_optimizer
+    from learnforget.train.settings import TrainConfig
+    from learnforget.train.loop import make_optimizer
 
     cfg = TrainConfig(weight_decay=0.1)
     m = method_from_dict({"type": "full", "wd": 0.02})
@@ -406,7 +407,7 @@ def test_relora_merge_restarts_the_adapter(model, opt_name):
     torch.manual_seed(0)
     pm = m.prepare(model)
     params = [p for p in pm.parameters() if p.requires_grad]
-    from learnforget.optim import Lion
+    from learnforget.train.optim import Lion
 
     opt = torch.optim.AdamW(params, lr=1e-2) if opt_name == "adamw" else Lion(params, lr=1e-2)
     batches = _batches()

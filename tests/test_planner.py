@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from learnforget.methods import method_from_dict
-from learnforget.modeling import build_model, count_parameters
-from learnforget.planner import GiB, count_params, estimate, gpu_plan_for_job, plan_gpus, trainable_params
-from learnforget.train import TrainConfig, make_optimizer
+from learnforget.train.methods import method_from_dict
+from learnforget.train.modeling import build_model, count_parameters
+from learnforget.cluster.planner import GiB, count_params, estimate, gpu_plan_for_job, plan_gpus, trainable_params
+from learnforget.train.settings import TrainConfig
+from learnforget.train.loop import make_optimizer
 
 torch.set_num_threads(1)
 
@@ -222,7 +223,7 @@ class _LiveBytes(TorchDispatchMode):
 
 
 def _peak_of_training(name, precision, checkpointing):
-    """Two steps in the order of learnforget.train.train: forward (autocast for bf16), float32
+    """Two steps in the order of learnforget.train.loop.train: forward (autocast for bf16), float32
     cross-entropy, zero_grad(set_to_none=True), backward, step, the method's after_step."""
     model, method = _tiny(name, precision, checkpointing=checkpointing)
     opt = make_optimizer(model, TrainConfig(), method)
@@ -281,7 +282,7 @@ def test_plan_gpus_picks_the_smallest_count_that_fits():
 
 
 def test_gpu_plan_for_job_from_the_default_config():
-    from learnforget import config as lfconfig
+    from learnforget.study import config as lfconfig
 
     cfg = lfconfig.load(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
     vocab = cfg["tokenizer"]["vocab_size"]

@@ -1,4 +1,4 @@
-"""The `gpu-cluster` SLURM profile and the per-job resources (learnforget.resources): the profile
+"""The `gpu-cluster` SLURM profile and the per-job resources (learnforget.cluster.resources): the profile
 is found from the repository root as typed, its dry run shows the GPU plan, and a submission
 through a fake `sbatch` asks for the planned GPUs, memory and time."""
 
@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from learnforget import config as lfconfig
-from learnforget import resources as lfres
-from learnforget import planner
+from learnforget.study import config as lfconfig
+from learnforget.cluster import resources as lfres
+from learnforget.cluster import planner
 from workflow_utils import REPO
 
 TINY = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
@@ -136,7 +137,7 @@ def test_profile_dry_run_of_the_tiny_study_is_quiet_on_cpus(tmp_path):
                           cwd=REPO, env=_env(bin_dir), capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "Using profile gpu-cluster" in out
+    assert re.search(r"Using profiles? gpu-cluster", out)  # with the workflow profile: "profiles gpu-cluster and ..."
     assert "learn-forget plan" not in out  # resources.gpu: 0 prints no plan
     train = [line for line in out.splitlines() if "resources:" in line and "cpus_per_task" in line]
     assert train and all("gpu=0" in line and "slurm_partition=gpu" in line for line in train)

@@ -1,6 +1,6 @@
 """The README stays current: its two commands, and the config reference generated from the code."""
 
-from learnforget import reference
+from learnforget.study import reference
 from workflow_utils import REPO
 
 README = (REPO / "README.md").read_text()

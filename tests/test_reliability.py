@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from learnforget.io import CRASH_ENV, read_json, read_jsonl
+from learnforget.core.io import CRASH_ENV, read_json, read_jsonl
 from workflow_utils import REPO, snakemake
 
 TINY = REPO / "tests" / "tiny.yaml"

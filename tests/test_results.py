@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from learnforget import results
-from learnforget.results import COLUMNS, collect, metric_name, primary_metric, tidy_rows
+from learnforget.report import metrics as results
+from learnforget.report.metrics import COLUMNS, collect, metric_name, primary_metric, tidy_rows
 
 
 def eval_json(meta: dict) -> dict:

@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from learnforget import sandbox
-from learnforget.sandbox import run_many, run_program
+from learnforget.score import sandbox
+from learnforget.score.sandbox import run_many, run_program
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 NAMESPACES = ("netns", "userns+netns", "prelude")

@@ -1,4 +1,4 @@
-"""Pretrained models and datasets by hub id, local path or cache (learnforget.sources), the
+"""Pretrained models and datasets by hub id, local path or cache (learnforget.data.sources), the
 paper's config and the workstation preset planned offline, and a study on a pretrained model."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
-from learnforget import config as lfconfig
-from learnforget import integrity, sources
-from learnforget.config import ConfigError
+from learnforget.study import config as lfconfig
+from learnforget.core import integrity
+from learnforget.data import sources
+from learnforget.study.config import ConfigError
 from workflow_utils import REPO, planned_jobs, snakemake
 
 TINY = REPO / "tests" / "tiny.yaml"
@@ -29,8 +30,8 @@ def offline():
 
 # ----------------------------------------------------------------------------- fixtures
 def _save_tiny_model(folder: Path) -> None:
-    from learnforget.modeling import build_model
-    from learnforget.tokenizer import build_tokenizer
+    from learnforget.train.modeling import build_model
+    from learnforget.data.tokenizer import build_tokenizer
 
     texts = [f"Question: What is {a} + {b}?\nAnswer: {a + b}\ndef f{a}(x):\n    return x + {b}\n"
              for a in range(30) for b in range(10)]
@@ -165,8 +166,8 @@ def test_fetch_model_links_files_with_a_verified_manifest(tiny_model, hf_home, t
     assert "model.safetensors" in manifest["files"] and "tokenizer.json" in manifest["files"]
     assert all((out / name).is_symlink() for name in manifest["files"])
     integrity.verify(out)  # the manifest's checksums hold
-    from learnforget.modeling import load_model
-    from learnforget.tokenizer import load_tokenizer
+    from learnforget.train.modeling import load_model
+    from learnforget.data.tokenizer import load_tokenizer
 
     a, b = load_model(out), load_model(tiny_model)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
@@ -217,7 +218,7 @@ def test_max_records_and_token_budget_stop_the_stream():
 
 
 def test_build_dataset_from_files_shuffled_streamed_and_budgeted(tmp_path, tiny_model):
-    from learnforget.tokenizer import load_tokenizer
+    from learnforget.data.tokenizer import load_tokenizer
 
     pd.DataFrame({"content": [f"def f{i}(x):\n    return x + {i}\n" for i in range(300)]}).to_parquet(
         tmp_path / "code.parquet")
@@ -318,10 +319,10 @@ def test_dry_run_detection(argv, dry, monkeypatch):
 def test_gradient_accumulation_matches_one_pass(tiny_model):
     """micro_batch_size splits each step's batch into passes: same loss and weights up to float
     rounding (it is a runtime setting, so changing it must not change results)."""
-    from learnforget.modeling import load_model
-    from learnforget.tokens import Batches, tokenize_ift
-    from learnforget.tokenizer import load_tokenizer
-    from learnforget.train import train
+    from learnforget.train.modeling import load_model
+    from learnforget.data.tokens import Batches, tokenize_ift
+    from learnforget.data.tokenizer import load_tokenizer
+    from learnforget.train.loop import train
 
     tok = load_tokenizer(tiny_model)
     prompts = [f"Question: {a} + {a % 7}?\nAnswer:" for a in range(40)]

@@ -8,7 +8,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from learnforget import spectral as S  # noqa: E402
+from learnforget.analyze import spectral as S  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from learnforget.tokens import (
+from learnforget.data.tokens import (
     IGNORE_INDEX,
     Batches,
     load_tokens,
@@ -22,7 +22,7 @@ FACTS = [f"Person {i} lives in town {i % 7} and likes {['red', 'blue', 'green'][
 
 
 def make_tokenizer(texts, vocab=300):
-    from learnforget.tokenizer import build_tokenizer
+    from learnforget.data.tokenizer import build_tokenizer
 
     return build_tokenizer(texts, vocab_size=vocab, min_frequency=0)
 
@@ -162,7 +162,7 @@ def test_mix_repeats_by_weight(tok):
 
 
 def test_group_by_length_sorts_groups_of_batches_and_cuts_padding(tok):
-    from learnforget.tokens import GROUP_BATCHES
+    from learnforget.data.tokens import GROUP_BATCHES
 
     rng = np.random.default_rng(0)
     prompts = [" ".join(["what is"] * int(k)) + "?" for k in rng.integers(1, 12, size=300)]

@@ -7,13 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learnforget.io import read_json, read_jsonl
-from learnforget.methods import METHODS, method_from_dict
-from learnforget.modeling import build_model, count_parameters, load_model
-from learnforget.optim import Lion
-from learnforget.schedules import SCHEDULES, cooldown_start, length_independent, make_schedule
-from learnforget.tokens import Batches, load_tokens, save_tokens, tokenize_cpt, tokenize_ift
-from learnforget.train import TrainConfig, duration_to_steps, finetune, plan_segment, pretrain_base, train
+from learnforget.core.io import read_json, read_jsonl
+from learnforget.train.methods import METHODS, method_from_dict
+from learnforget.train.modeling import build_model, count_parameters, load_model
+from learnforget.train.optim import Lion
+from learnforget.train.schedules import SCHEDULES, cooldown_start, length_independent, make_schedule
+from learnforget.data.tokens import Batches, load_tokens, save_tokens, tokenize_cpt, tokenize_ift
+from learnforget.train.settings import TrainConfig
+from learnforget.train.loop import duration_to_steps, finetune, plan_segment, pretrain_base, train
 
 torch.set_num_threads(1)
 
@@ -31,7 +32,7 @@ METHOD_CASES = {"full": {"type": "full"}, "lora": {"type": "lora", "rank": 4, "d
 
 
 def make_tokenizer(texts, vocab=300):
-    from learnforget.tokenizer import build_tokenizer
+    from learnforget.data.tokenizer import build_tokenizer
 
     return build_tokenizer(texts, vocab_size=vocab, min_frequency=0)
 
@@ -172,9 +173,9 @@ def test_lion_multi_tensor_step_is_bitwise_the_per_tensor_one(world):
 
 
 def test_fused_adamw_and_multi_tensor_clipping_stay_within_1e_5_of_the_per_tensor_loop(world):
-    """The stated tolerance of the fused optimizer step (learnforget.optim): after 30 steps
+    """The stated tolerance of the fused optimizer step (learnforget.train.optim): after 30 steps
     the weights agree to 1e-5 (relative to their largest value); clipped norms to 1e-6."""
-    from learnforget.train import make_optimizer
+    from learnforget.train.loop import make_optimizer
 
     a, b = _two_models(world)
     cfg = TrainConfig.from_dict({**CFG, "weight_decay": 0.1})
@@ -192,7 +193,7 @@ def test_fused_adamw_and_multi_tensor_clipping_stay_within_1e_5_of_the_per_tenso
 def test_optimizer_state_does_not_carry_its_implementation(world):
     """A job continuing from a state saved by another implementation (an older for-loop AdamW,
     an FSDP job's foreach one) keeps the fused step; saved states name no implementation."""
-    from learnforget.train import make_optimizer
+    from learnforget.train.loop import make_optimizer
 
     a, b = _two_models(world)
     loop = torch.optim.AdamW([{"params": [p for p in a.parameters() if p.dim() >= 2]},
@@ -210,21 +211,21 @@ def test_optimizer_state_does_not_carry_its_implementation(world):
 
 
 def test_allocator_setting_changes_no_number(world, tmp_path):
-    """learnforget.perf.tune_allocator (glibc heap thresholds) only changes where memory comes
+    """learnforget.core.perf.tune_allocator (glibc heap thresholds) only changes where memory comes
     from: a training run with it off (LEARNFORGET_MALLOC=default, another process) gives
     bitwise the same losses."""
     import subprocess
     import sys
 
-    from learnforget import perf
+    from learnforget.core import perf
 
     code = f"""
 import json, sys, torch
 from transformers import AutoTokenizer
-from learnforget import perf
-from learnforget.modeling import build_model
-from learnforget.tokens import Batches, load_tokens
-from learnforget.train import train
+from learnforget.core import perf
+from learnforget.train.modeling import build_model
+from learnforget.data.tokens import Batches, load_tokens
+from learnforget.train.loop import train
 tok = AutoTokenizer.from_pretrained({str(world / "tokenizer")!r})
 batches = Batches(load_tokens({str(world / "facts")!r}), "cpt", 8, 24, seed=0)
 model, state = train(build_model({ARCH!r}, tok, seed=0), batches, {CFG!r}, end_step=6,
@@ -438,7 +439,7 @@ def test_cooldown_branches_share_one_trunk(world, tmp_path):
 # ----------------------------------------------------------------------------- resume after a kill
 KILL_SCRIPT = """
 import sys, torch
-from learnforget.train import finetune
+from learnforget.train.loop import finetune
 torch.set_num_threads(1)
 finetune(sys.argv[1] + "/base", sys.argv[1] + "/math_cpt", "cpt", method={"type": "full", "dropout": 0.1},
          train_cfg=dict(lr=3e-3, batch_size=8, seq_len=24, threads=1, seed=0, save_every_steps=4,

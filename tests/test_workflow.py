@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from learnforget.io import read_json
+from learnforget.core.io import read_json
 from workflow_utils import REPO, planned_jobs, planned_outputs, snakemake
 
 TINY = REPO / "tests" / "tiny.yaml"
@@ -344,7 +344,7 @@ def test_killed_job_then_plain_rerun_gives_identical_results(tiny_study, tmp_pat
     import os
     import shutil
 
-    from learnforget.io import CRASH_ENV
+    from learnforget.core.io import CRASH_ENV
 
     work = tmp_path / "copy"
     shutil.copytree(tiny_study, work, symlinks=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from learnforget import config as lfconfig
+from learnforget.study import config as lfconfig
 
 
 def _load(path: str) -> dict | None:
@@ -20,7 +20,7 @@ def _load(path: str) -> dict | None:
 
 
 def _validate(args) -> int:
-    from learnforget.train import MODES
+    from learnforget.train.settings import MODES
 
     cfg = _load(args.config)
     if cfg is None:
@@ -32,7 +32,8 @@ def _validate(args) -> int:
         print(f"  {r.name}: {r.method_name} ({r.method['type']}) on {r.domain}/{r.regime}, "
               f"durations {', '.join(r.labels)} {r.unit}, lr {r.train.get('lr')}, "
               f"durations: {r.mode} ({MODES[r.mode]})")
-    from learnforget import evaluation, hub
+    from learnforget.evaluate import harness as evaluation
+    from learnforget.core import hub
 
     for name, g in evaluation.parse_groups(cfg["evaluation"]["groups"]).items():
         metric = g.metric if isinstance(g.metric, str) or g.metric is None else "per task"
@@ -45,7 +46,7 @@ def _validate(args) -> int:
         return 2
     for task, src in found.items():
         print(f"  hub dataset of {task}: {src['dataset']} ({src['source']})")
-    from learnforget import sources
+    from learnforget.data import sources
 
     try:
         located = sources.check_available(cfg, datasets=lfconfig.token_datasets(cfg))
@@ -60,7 +61,7 @@ def _validate(args) -> int:
 
 
 def _plan(args) -> int:
-    from learnforget.planner import gpu_plan_for_job
+    from learnforget.cluster.planner import gpu_plan_for_job
 
     cfg = _load(args.config)
     if cfg is None:
@@ -83,7 +84,7 @@ def _plan(args) -> int:
 
 
 def _config_reference(args) -> int:
-    from learnforget.reference import markdown
+    from learnforget.study.reference import markdown
 
     print(markdown(), end="")
     return 0
@@ -92,7 +93,7 @@ def _config_reference(args) -> int:
 def _humaneval_score(args) -> int:
     import json
 
-    from learnforget import humaneval
+    from learnforget.score import humaneval
 
     try:
         summary = humaneval.score_file(args.samples, ks=args.k, per_sample_out=args.out,

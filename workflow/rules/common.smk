@@ -4,7 +4,7 @@ import sys
 import time
 from pathlib import Path
 
-from learnforget import config as lfconfig
+from learnforget.study import config as lfconfig
 
 try:
     _validated = lfconfig.validate(config)
@@ -15,7 +15,9 @@ except lfconfig.ConfigError as exc:
 config.clear()
 config.update(lfconfig.as_hashable(_validated))
 
-from learnforget import evaluation as lfeval, hub, sources
+from learnforget.evaluate import harness as lfeval
+from learnforget.core import hub
+from learnforget.data import sources
 
 # Hub models and datasets (the pretrained model, data.hub datasets, lm-eval tasks' datasets)
 # must be local, cached or reachable: otherwise stop before any job starts. A dry run runs no
@@ -44,7 +46,7 @@ TOKENIZER = f"{R}/base/model" if PRETRAINED else f"{R}/tokenizer"
 HUB_DATA = config["data"]["hub"]
 
 if workflow.is_main_process:  # damaged checkpoints are moved aside (kept) and rebuilt
-    from learnforget import integrity
+    from learnforget.core import integrity
 
     _corrupt = integrity.scan(
         R,
@@ -284,7 +286,7 @@ def report_params(wildcards):
     )
 
 
-# Figures of the report: only those the config provides data for (learnforget.config).
+# Figures of the report: only those the config provides data for (learnforget.study.config).
 FIGURES = lfconfig.figure_names(config)
 
 
@@ -300,11 +302,11 @@ def figure_outputs():
     }
 
 
-# Cluster resources of the jobs (learnforget.resources): GPUs, host memory (MiB) and runtime
+# Cluster resources of the jobs (learnforget.cluster.resources): GPUs, host memory (MiB) and runtime
 # (minutes) derived from the model, the method and the durations. Resources are not params:
 # changing them retrains nothing. With GPUs, each run's memory plan is printed once (so a dry
 # run shows it); a job that fits on no GPU count (gpu: auto) stops the workflow here.
-from learnforget import resources as lfresources
+from learnforget.cluster import resources as lfresources
 
 try:
     TRAIN_PLANS = lfresources.train_plans(config, RUNS.values())
@@ -380,11 +382,11 @@ def analyze_runtime(wildcards, attempt):
 
 
 # ----------------------------------------------------------------------------- compose, cards
-# Composites of the study's LoRA adapters (learnforget.compose, config `compose`), and the
-# model cards with scores of every adapter checkpoint (learnforget.modelcard).
+# Composites of the study's LoRA adapters (learnforget.compose.lorahub, config `compose`), and the
+# model cards with scores of every adapter checkpoint (learnforget.core.modelcard).
 from types import SimpleNamespace
 
-from learnforget import compose as lfcompose
+from learnforget.compose import lorahub as lfcompose
 
 COMPOSE = lfcompose.plan(config)
 COMPOSITES = list(COMPOSE["composites"]) if COMPOSE else []

@@ -1,5 +1,5 @@
 # Finetune each run to each duration. How a duration relates to the shorter ones is the run's
-# mode (learnforget.train.MODES): it continues the previous checkpoint, branches a cool-down
+# mode (learnforget.train.settings.MODES): it continues the previous checkpoint, branches a cool-down
 # off a shared trunk (rule train_trunk), or starts from the base. Only what changes a job's
 # result is in its params, so evaluation settings, threads or resources never retrain.
 # A killed job leaves a snapshot in results/resume/ and continues from it when rerun.

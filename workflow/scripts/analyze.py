@@ -1,13 +1,13 @@
-"""Spectral analysis of one checkpoint's weight changes (learnforget.spectral)."""
+"""Spectral analysis of one checkpoint's weight changes (learnforget.analyze.spectral)."""
 
 import torch
 
-from learnforget.spectral import resolve_device
+from learnforget.analyze.spectral import resolve_device
 
-from learnforget.integrity import verify_managed
-from learnforget.io import atomic_path
-from learnforget.logs import setup
-from learnforget.spectral import analyze
+from learnforget.core.integrity import verify_managed
+from learnforget.core.io import atomic_path
+from learnforget.core.logs import setup
+from learnforget.analyze.spectral import analyze
 
 log = setup(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

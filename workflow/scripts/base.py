@@ -1,7 +1,7 @@
-"""Pretrain the base model (learnforget.train.pretrain_base)."""
+"""Pretrain the base model (learnforget.train.loop.pretrain_base)."""
 
-from learnforget.logs import setup
-from learnforget.train import pretrain_base
+from learnforget.core.logs import setup
+from learnforget.train.loop import pretrain_base
 
 log = setup(snakemake.log[0])
 spec = snakemake.params.spec

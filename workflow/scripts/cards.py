@@ -1,12 +1,12 @@
-"""Model cards with scores of every adapter checkpoint (learnforget.modelcard), from metrics.csv."""
+"""Model cards with scores of every adapter checkpoint (learnforget.core.modelcard), from metrics.csv."""
 
 from pathlib import Path
 
 import pandas as pd
 
-from learnforget import modelcard
-from learnforget.io import atomic_path
-from learnforget.logs import setup
+from learnforget.core import modelcard
+from learnforget.core.io import atomic_path
+from learnforget.core.logs import setup
 
 log = setup(snakemake.log[0])
 metrics = pd.read_csv(snakemake.input.metrics)

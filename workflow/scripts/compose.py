@@ -1,10 +1,10 @@
-"""Compose the study's adapters (LoRAHub): search the weights, write every composite (learnforget.compose)."""
+"""Compose the study's adapters (LoRAHub): search the weights, write every composite (learnforget.compose.lorahub)."""
 
 import torch
 
-from learnforget import compose
-from learnforget.io import read_jsonl
-from learnforget.logs import setup
+from learnforget.compose import lorahub as compose
+from learnforget.core.io import read_jsonl
+from learnforget.core.logs import setup
 
 log = setup(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from learnforget import data
-from learnforget.logs import setup
+from learnforget.core.logs import setup
 
 log = setup(snakemake.log[0])
 domain = snakemake.params.domain

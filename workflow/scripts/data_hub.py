@@ -1,8 +1,8 @@
-"""Read one data.hub dataset into records (learnforget.sources.build_dataset)."""
+"""Read one data.hub dataset into records (learnforget.data.sources.build_dataset)."""
 
-from learnforget.logs import setup
-from learnforget.sources import build_dataset
-from learnforget.tokenizer import load_tokenizer
+from learnforget.core.logs import setup
+from learnforget.data.sources import build_dataset
+from learnforget.data.tokenizer import load_tokenizer
 
 log = setup(snakemake.log[0], offline=False)  # it may download what the config names
 p = snakemake.params.p

@@ -1,12 +1,12 @@
-"""Evaluate one checkpoint (or the base) on its evaluation plan (learnforget.evaluation)."""
+"""Evaluate one checkpoint (or the base) on its evaluation plan (learnforget.evaluate.harness)."""
 
 from pathlib import Path
 
 import torch
 
-from learnforget.evaluation import evaluate_checkpoint, resolve_model
-from learnforget.integrity import verify_managed
-from learnforget.logs import setup
+from learnforget.evaluate.harness import evaluate_checkpoint, resolve_model
+from learnforget.core.integrity import verify_managed
+from learnforget.core.logs import setup
 
 log = setup(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

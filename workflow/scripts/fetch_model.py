@@ -1,7 +1,7 @@
-"""Link a pretrained base model's files into the study (learnforget.sources.fetch_model)."""
+"""Link a pretrained base model's files into the study (learnforget.data.sources.fetch_model)."""
 
-from learnforget.logs import setup
-from learnforget.sources import fetch_model
+from learnforget.core.logs import setup
+from learnforget.data.sources import fetch_model
 
 log = setup(snakemake.log[0], offline=False)  # it may download what the config names
 spec = snakemake.params.spec

@@ -4,10 +4,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from learnforget import figures, keep, provenance, results
-from learnforget.io import atomic_path, read_json
-from learnforget.logs import setup
-from learnforget.report import evaluation_protocol, write_report
+from learnforget.report import figures
+from learnforget.train import keep
+from learnforget.core import provenance
+from learnforget.report import metrics as results
+from learnforget.core.io import atomic_path, read_json
+from learnforget.core.logs import setup
+from learnforget.report.markdown import evaluation_protocol, write_report
 
 log = setup(snakemake.log[0])
 spec = snakemake.params.spec

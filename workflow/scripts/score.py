@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from learnforget.logs import setup
-from learnforget.scoring import score_generations
+from learnforget.core.logs import setup
+from learnforget.score.samples import score_generations
 
 log = setup(snakemake.log[0])
 out = score_generations(

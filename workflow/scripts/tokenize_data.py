@@ -1,9 +1,9 @@
-"""Tokenize one dataset into token files (learnforget.tokens)."""
+"""Tokenize one dataset into token files (learnforget.data.tokens)."""
 
-from learnforget import tokens
-from learnforget.io import read_jsonl
-from learnforget.logs import setup
-from learnforget.tokenizer import load_tokenizer
+from learnforget.data import tokens
+from learnforget.core.io import read_jsonl
+from learnforget.core.logs import setup
+from learnforget.data.tokenizer import load_tokenizer
 
 log = setup(snakemake.log[0])
 spec = snakemake.params.spec

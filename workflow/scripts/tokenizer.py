@@ -1,7 +1,7 @@
-"""Train the study's BPE tokenizer (learnforget.tokenizer)."""
+"""Train the study's BPE tokenizer (learnforget.data.tokenizer)."""
 
-from learnforget.logs import setup
-from learnforget.tokenizer import train_tokenizer
+from learnforget.core.logs import setup
+from learnforget.data.tokenizer import train_tokenizer
 
 log = setup(snakemake.log[0])
 files = [snakemake.input[k] for k in ("source", "math", "generic", "code")]

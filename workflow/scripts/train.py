@@ -1,9 +1,9 @@
-"""Train one job of a run: a duration's checkpoint or its trunk (learnforget.launch.finetune_job)."""
+"""Train one job of a run: a duration's checkpoint or its trunk (learnforget.train.launch.finetune_job)."""
 
-from learnforget import config as lfconfig
-from learnforget import keep
-from learnforget.launch import finetune_job
-from learnforget.logs import setup
+from learnforget.study import config as lfconfig
+from learnforget.train import keep
+from learnforget.train.launch import finetune_job
+from learnforget.core.logs import setup
 
 log = setup(snakemake.log[0])
 spec = snakemake.params.spec

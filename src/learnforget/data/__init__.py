@@ -6,7 +6,7 @@
 - ``build_code``: functions from the installed Python standard library.
 
 Each builder takes a plain config dict (validated through a frozen dataclass), a seed and an
-output folder, writes its JSONL files through :mod:`learnforget.io` and returns stats.
+output folder, writes its JSONL files through :mod:`learnforget.core.io` and returns stats.
 Record formats: ``docs/architecture.md`` ("Data").
 """
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from learnforget import io
+from learnforget.core import io
 
 NAMES = (
     "Lina", "Omar", "Sara", "Ravi", "Mia", "Tom", "Ana", "Ben", "Yuki", "Leo", "Nora",

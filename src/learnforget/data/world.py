@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from learnforget import io
+from learnforget.core import io
 
 # --- attributes -------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Spectral analysis of the weight changes."""

@@ -1,0 +1,1 @@
+"""Cluster resources: the GPU memory planner and each job's resources."""

@@ -1,0 +1,1 @@
+"""Scoring sampled generations: HumanEval in the sandbox, code parsing, diversity."""

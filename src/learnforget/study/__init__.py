@@ -1,0 +1,1 @@
+"""The study: its config (schema, validation, expansion into runs) and the config reference."""
