@@ -26,4 +26,4 @@ rule all:
     default_target: True
     input:
         rules.report.output,
-        compose_outputs(),
+        STUDY.cards_outputs(),

@@ -48,7 +48,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from learnforget.evaluate.harness import _compact_sample, evaluate_checkpoint, render_tasks  # noqa: E402
+from learnforget.evaluate.harness import compact_sample, evaluate_checkpoint  # noqa: E402
+from learnforget.evaluate.tasks import render_tasks  # noqa: E402
 from learnforget.core.io import write_text  # noqa: E402
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))  # the study's evaluate jobs use 1 thread
@@ -99,7 +100,7 @@ def direct(model, data, item, tmp) -> tuple[float, dict, list[dict]]:
                                   torch_random_seed=SEED, fewshot_random_seed=SEED)
     seconds = time.perf_counter() - t0
     output_type = out["configs"][task]["output_type"]
-    return seconds, out, [_compact_sample(task, s, output_type, sampled) for s in out["samples"][task]]
+    return seconds, out, [compact_sample(task, s, output_type, sampled) for s in out["samples"][task]]
 
 
 def compare(ours_out, ours_recs, base_out, base_recs, task) -> str:

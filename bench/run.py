@@ -1,6 +1,7 @@
 """The whole benchmark suite in one command: every figure a ratio against a baseline of the same run.
 
     python bench/run.py                    # everything, about 30 min on 2 cores; writes bench/results.md
+                                           # and the table of bench/README.md
     python bench/run.py pipeline train     # some parts only (pipeline, train, eval, spectral, dag)
     python bench/run.py --gather           # no part: only gather the parts' latest tables
 
@@ -20,6 +21,10 @@ Parts (each also writes its own table, ``bench/<part>-results.md``; this file ga
 
 ``BENCH_STUDY_DIR``: where the pipeline part runs the study (an empty or new folder, kept
 afterwards, e.g. to take the README's figures from); default a temporary folder.
+
+The headline table (every part's key rows) goes into ``bench/results.md`` and replaces the table
+of ``bench/README.md``; the prose around it there (machine, dates, what the numbers led to) is
+written by hand.
 
 Each part runs in its own process, one after the other; timings depend on the machine and its
 load, which every table records. Progress goes to stderr.
@@ -44,6 +49,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from learnforget.core.io import write_text  # noqa: E402
 
 PARTS = ("pipeline", "train", "eval", "spectral", "dag")
+README = ROOT / "bench" / "README.md"
+TABLE_HEAD = "| measurement | ours | baseline | ratio |"
 # headline rows: (part, start of the measurement cell in that part's table)
 HEADLINES = (
     ("train", "tokens/s, full finetuning, math IFT"), ("train", "tokens/s, LoRA r8, math IFT"),
@@ -187,6 +194,18 @@ def table_row(text: str, start: str) -> list[str] | None:
     return None
 
 
+def update_readme_table(rows: list[str], readme: Path = README) -> None:
+    """Replace the body of the table headed ``TABLE_HEAD`` in ``readme`` by ``rows`` (markdown rows)."""
+    lines = readme.read_text().splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip("\n") == TABLE_HEAD), None)
+    if start is None:
+        raise SystemExit(f"{readme} has no table headed {TABLE_HEAD!r}")
+    end = start + 2
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    write_text(readme, "".join(lines[:start + 2] + [r + "\n" for r in rows] + lines[end:]))
+
+
 def main(parts: list[str]) -> None:
     parts = [] if parts == ["--gather"] else parts or list(PARTS)
     bad = [p for p in parts if p not in PARTS]
@@ -219,12 +238,13 @@ def main(parts: list[str]) -> None:
             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
             f"parts run now: {', '.join(parts) or 'none'} ({time.perf_counter() - t0:.0f} s); each part's table below "
             "names its own machine, load and date. Every ratio is against a baseline measured in the same run.\n\n"
-            "| measurement | ours | baseline | ratio |\n|---|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+            f"{TABLE_HEAD}\n|---|---:|---:|---:|\n" + "\n".join(rows) + "\n")
     for p in (p for p in PARTS if texts[p]):
         body = "#" + texts[p] if texts[p].startswith("# ") else texts[p]  # its title one level down
         text += f"\n---\n\n(`bench/{p}-results.md`, written {stamp[p]})\n\n{body}"
     print(text)
     write_text(ROOT / "bench" / "results.md", text)
+    update_readme_table(rows)
 
 
 if __name__ == "__main__":

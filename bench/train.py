@@ -72,7 +72,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from learnforget.core.io import write_text  # noqa: E402
+from learnforget import data  # noqa: E402
+from learnforget.core.io import read_jsonl, write_text  # noqa: E402
+from learnforget.data.tokenizer import train_tokenizer  # noqa: E402
+from learnforget.data.tokens import Batches, load_tokens, save_tokens, tokenize_cpt, tokenize_ift  # noqa: E402
+from learnforget.train.accounting import measured_peak_flops, peak_memory_mib, speed  # noqa: E402
+from learnforget.train.loop import make_optimizer, train  # noqa: E402
+from learnforget.train.methods import method_from_dict  # noqa: E402
+from learnforget.train.modeling import build_model, count_parameters, flops_per_token  # noqa: E402
+from learnforget.train.settings import TrainConfig  # noqa: E402
 
 STEPS = int(os.environ.get("BENCH_STEPS", "40"))
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
@@ -185,8 +193,6 @@ def settings_rows(best: dict, threads: int, fpt_peak: tuple | None = None) -> li
                  f"{main['mean_loss']:.4f}", f"{comp['tokens_per_s']:,.0f}", f"{main['tokens_per_s']:,.0f}",
                  f"{comp['tokens_per_s'] / main['tokens_per_s']:.2f}x"))
     if fpt_peak is not None:
-        from learnforget.train.accounting import speed
-
         (f, _), peak = fpt_peak
         mfu = speed(comp["tokens"], comp["seconds"], f, peak)
         rows.append(("MFU, full, code CPT, train.compile: achieved GFLOP/s vs matmul peak",
@@ -246,7 +252,6 @@ class Memory:
     def _read(self, key):
         if self.status.exists():
             return proc_status_mib(self.status.read_text(), key)
-        from learnforget.train.accounting import peak_memory_mib
 
         return peak_memory_mib("cpu")["peak_memory_mib"]
 
@@ -259,8 +264,6 @@ class Memory:
 
 def _setup(work: Path, regime: str, group_by_length: bool = False):
     from transformers import AutoTokenizer
-
-    from learnforget.data.tokens import Batches, load_tokens
 
     tok = AutoTokenizer.from_pretrained(work / "tok")
     td = load_tokens(work / f"tokens-{regime}", mmap=False)
@@ -277,12 +280,6 @@ def train_cfg_dict() -> dict:
 
 def run_ours(work: Path, arch: dict, regime: str, method: str, steps: int, warmup: int, threads: int = THREADS,
              compile: bool = False, group_by_length: bool = False) -> dict:
-    from learnforget.core.io import read_jsonl
-    from learnforget.train.methods import method_from_dict
-    from learnforget.train.modeling import build_model, count_parameters
-    from learnforget.train.settings import TrainConfig
-    from learnforget.train.loop import train
-
     torch.set_num_threads(threads)
     tok, _, make_batches = _setup(work, regime, group_by_length)
     # compile: train.compile (inductor; the first step compiles; TORCHINDUCTOR_CACHE_DIR: a fresh folder, cold)
@@ -306,8 +303,6 @@ def run_ours(work: Path, arch: dict, regime: str, method: str, steps: int, warmu
 
 def run_hf(work: Path, arch: dict, regime: str, method: str, steps: int, warmup: int) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from learnforget.train.modeling import build_model, count_parameters
 
     torch.set_num_threads(THREADS)
     tok, _, make_batches = _setup(work, regime)
@@ -410,11 +405,6 @@ def run_case(work: Path, arch: dict, trainer: str, regime: str, method: str, ste
 
 
 def build_data(cfg_all: dict, work: Path) -> None:
-    from learnforget import data
-    from learnforget.core.io import read_jsonl
-    from learnforget.data.tokenizer import train_tokenizer
-    from learnforget.data.tokens import save_tokens, tokenize_cpt, tokenize_ift
-
     data.build_math(cfg_all["data"]["math"], 0, work / "math")
     data.build_code(cfg_all["data"]["code"], 0, work / "code")
     tok = train_tokenizer([work / "math/train.jsonl", work / "code/train.jsonl"], work / "tok",
@@ -426,16 +416,11 @@ def build_data(cfg_all: dict, work: Path) -> None:
 
 
 def peak_flops() -> float:
-    from learnforget.train.accounting import measured_peak_flops
-
     return max(measured_peak_flops("cpu", torch.float32, n=n) for n in (1024, 2048))
 
 
 def flops_per_token_of(work: Path, arch: dict, method: str, seq_len: int) -> tuple[float, str]:
     from transformers import AutoTokenizer
-
-    from learnforget.train.methods import method_from_dict
-    from learnforget.train.modeling import build_model, count_parameters, flops_per_token
 
     base = build_model(arch, AutoTokenizer.from_pretrained(work / "tok"), seed=0)
     full = flops_per_token(base.config, seq_len)
@@ -453,11 +438,6 @@ def optimizer_ms(work: Path, arch: dict, method: str, repeats: int = 20) -> tupl
     Trainer's (AdamW fused=True, its default ``adamw_torch_fused`` with torch >= 2.8;
     ``clip_grad_norm_`` with torch's default), alternating."""
     from transformers import AutoTokenizer
-
-    from learnforget.train.methods import method_from_dict
-    from learnforget.train.modeling import build_model
-    from learnforget.train.settings import TrainConfig
-    from learnforget.train.loop import make_optimizer
 
     cfg = train_cfg_dict()
     tok = AutoTokenizer.from_pretrained(work / "tok")
@@ -493,9 +473,6 @@ def saved_activation_mib(work: Path, arch: dict, method: str) -> float:
     loss of our loop, on the first code CPT batch (a full 16 x 128 one)."""
     import torch.nn.functional as F
 
-    from learnforget.train.methods import method_from_dict
-    from learnforget.train.modeling import build_model
-
     tok, _, make_batches = _setup(work, "cpt")
     model = method_from_dict({"type": "full"} if method == "full" else LORA).prepare(build_model(arch, tok))
     batch = next(make_batches())
@@ -522,8 +499,6 @@ def saved_tensor_bytes(model: torch.nn.Module, loss_fn) -> int:
 
 
 def main() -> None:
-    from learnforget.train.accounting import speed
-
     torch.set_num_threads(THREADS)
     load0, date = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M")
     t_start = time.perf_counter()

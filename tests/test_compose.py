@@ -277,7 +277,7 @@ def _metrics_with_composites():
     rows = []
 
     def add(run, method, domain, regime, d, task, metric, value, role, hib):
-        rows.append({"run": run, "method": method, "domain": domain, "regime": regime, "duration": d, "task": task,
+        rows.append({"run": run, "method": method, "method_type": method, "domain": domain, "regime": regime, "duration": d, "task": task,
                      "metric": metric, "value": value, "role": role, "higher_is_better": hib, "series": run})
 
     add("base", "base", "", "", 0.0, "math", "acc", 0.1, "learning", True)

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from learnforget.study import config as lfconfig
+from learnforget.report import registry
 from workflow_utils import REPO
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -211,20 +212,10 @@ def test_seeds_and_sweep_expand_into_series():
     assert lr.meta()["series"] == "math-lora-lr0.002" and lr.meta()["lr"] == 2e-3
     assert runs["code-lora"].series == "code-lora"  # untouched runs are their own series
     assert lfconfig.has_lr_sweep(list(runs.values()))
-    assert "sensitivity" in lfconfig.figure_names(cfg)
+    assert "sensitivity" in registry.figure_names(cfg)
     # validating the expanded config again changes nothing (the report and scripts re-read it)
     again = lfconfig.validate(copy.deepcopy(cfg))
     assert [r["name"] for r in again["runs"]] == [r["name"] for r in cfg["runs"]]
-
-
-def test_figure_names_follow_the_config():
-    cfg = lfconfig.validate(copy.deepcopy(TINY))
-    names = lfconfig.figure_names(cfg)
-    assert "sensitivity" not in names  # no learning-rate sweep
-    assert {"tradeoff", "learning", "forgetting", "diversity", "spectral_ranks", "spectrum"} <= set(names)
-    raw = copy.deepcopy(TINY)
-    raw["evaluation"]["groups"].pop("samples")
-    assert "diversity" not in lfconfig.figure_names(lfconfig.validate(raw))
 
 
 def test_cli_plan_lists_every_run_and_names_what_does_not_fit(capsys, tmp_path):

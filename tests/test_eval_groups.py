@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from learnforget.study import config as lfconfig
-from learnforget.evaluate import harness as ev
+from learnforget.evaluate import plan as ev
 from learnforget.report.metrics import collect, group_rows, tidy_rows
 
 GROUPS = {

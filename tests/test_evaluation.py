@@ -20,7 +20,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import yaml  # noqa: E402
 
 from learnforget.evaluate import harness as ev  # noqa: E402
-from learnforget.evaluate.harness import TASKS, evaluate_checkpoint  # noqa: E402
+from learnforget.evaluate import registry  # noqa: E402
+from learnforget.evaluate.harness import evaluate_checkpoint  # noqa: E402
+from learnforget.evaluate.plan import normalise_plan  # noqa: E402
+from learnforget.evaluate.registry import TASKS  # noqa: E402
+from learnforget.evaluate.tasks import render_tasks  # noqa: E402
 
 #: The registry's lm-eval-scored tasks (sampled ones need sampling settings: see test_sampled_*).
 SCORED = {n: t for n, t in TASKS.items() if not t.sampled}
@@ -115,15 +119,15 @@ def _metrics(out: dict) -> dict[tuple[str, str], float]:
 def test_registry_matches_task_yamls():
     assert set(TASKS) == {"lf_math", "lf_math_answer", "lf_facts", "lf_source_heldout", "lf_code", "lf_code_gen",
                           "lf_humaneval"}
-    yamls = sorted(p.name for p in ev.TASK_DIR.glob("*.yaml"))
-    assert yamls == sorted(t.yaml for t in TASKS.values() if t.local)
+    yamls = sorted(p.name for p in registry.TASK_DIR.glob("*.yaml"))
+    assert yamls == sorted(t.yaml for t in TASKS.values())
     for name, task in TASKS.items():
-        cfg = yaml.safe_load((ev.TASK_DIR / task.yaml).read_text())
+        cfg = yaml.safe_load((registry.TASK_DIR / task.yaml).read_text())
         assert cfg["task"] == name
         assert "version" in cfg["metadata"]
         # the YAML shows the same data files as the registry (which is what the code uses)
         assert cfg["dataset_kwargs"]["data_files"] == {
-            s: rel if rel == ev.HUMANEVAL_DATA else f"{{data_root}}/{rel}" for s, rel in task.data.items()}
+            s: rel if rel == registry.HUMANEVAL_DATA else f"{{data_root}}/{rel}" for s, rel in task.data.items()}
         listed = {m["metric"] for m in cfg["metric_list"]}
         if task.sampled:  # lm-eval only generates (bypass); learnforget.score.samples scores
             assert listed == {"bypass"} and cfg["output_type"] == "generate_until"
@@ -136,12 +140,9 @@ def test_registry_matches_task_yamls():
             assert cfg["fewshot_split"] in task.data
 
 
-def test_required_data_and_get_task(tmp_path):
-    paths = ev.required_data(["lf_math", "lf_facts", "gsm8k"], tmp_path)
-    expected = [tmp_path / "math/test.jsonl", tmp_path / "math/train.jsonl", tmp_path / "source/quiz.jsonl"]
-    assert paths == sorted(expected)
+def test_get_task_names_an_unknown_task():
     with pytest.raises(KeyError, match="lf_nonexistent"):
-        ev.get_task("lf_nonexistent")
+        registry.get_task("lf_nonexistent")
 
 
 # ------------------------------------------------------------- task semantics, no model
@@ -198,7 +199,7 @@ def test_task_yamls_prompts_and_metrics(tmp_path):
     from lm_eval.tasks import TaskManager
 
     write_data(tmp_path / "data")
-    ev.render_tasks(list(SCORED), tmp_path / "data", tmp_path / "tasks", cache_dir=str(tmp_path / "cache"))
+    render_tasks(list(SCORED), tmp_path / "data", tmp_path / "tasks", cache_dir=str(tmp_path / "cache"))
     tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     lm = ScriptedLM()
     out = lm_eval.simple_evaluate(model=lm, tasks=list(SCORED), task_manager=tm, bootstrap_iters=0, log_samples=False)
@@ -234,9 +235,9 @@ def test_fewshot_from_train_split(tmp_path):
     from lm_eval.tasks import TaskManager
 
     write_data(tmp_path / "data")
-    ev.render_tasks(["lf_math"], tmp_path / "data", tmp_path / "tasks")
+    render_tasks(["lf_math"], tmp_path / "data", tmp_path / "tasks")
     tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
-    objs = ev._build_tasks(tm, ev._normalise_plan(["lf_math"], 8, None, {"lf_math": 3}), {})
+    objs = ev.build_tasks(tm, normalise_plan(["lf_math"], 8, None, {"lf_math": 3}), {})
     lm = ScriptedLM()
     out = lm_eval.simple_evaluate(model=lm, tasks=objs, task_manager=tm, bootstrap_iters=0, fewshot_random_seed=7)
     assert out["n-shot"]["lf_math"] == 3
@@ -246,7 +247,7 @@ def test_fewshot_from_train_split(tmp_path):
     assert len(shots) == 3 and set(shots) <= train
     assert "Answer:  " not in ctx and ctx.endswith("How many?\nAnswer:")
     with pytest.raises(ValueError, match="lf_code"):
-        ev._normalise_plan(["lf_math"], 8, None, {"lf_code": 1})
+        normalise_plan(["lf_math"], 8, None, {"lf_code": 1})
 
 
 # ------------------------------------------------------------------ tiny model end to end
@@ -496,7 +497,7 @@ import json, sys
 import lm_eval
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
-from learnforget.evaluate.harness import _compact_sample
+from learnforget.evaluate.harness import compact_sample
 tasks_dir, model, tok, names, seed, out = sys.argv[1:]
 tm = TaskManager(include_path=tasks_dir, include_defaults=False)
 objs = list(tm.load(json.loads(names))["tasks"].values())
@@ -504,7 +505,7 @@ lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu", dtype="fl
 res = lm_eval.simple_evaluate(model=lm, tasks=objs, task_manager=tm, bootstrap_iters=0, log_samples=True,
                               random_seed=int(seed), numpy_random_seed=int(seed), torch_random_seed=int(seed),
                               fewshot_random_seed=int(seed))
-records = [_compact_sample(t, s, res["configs"][t]["output_type"], t == "lf_code_gen")
+records = [compact_sample(t, s, res["configs"][t]["output_type"], t == "lf_code_gen")
            for t in sorted(res["samples"]) for s in res["samples"][t]]
 json.dump({"results": res["results"], "records": records, "lm_eval_version": res["lm_eval_version"],
            "transformers_version": res["transformers_version"], "n-samples": res["n-samples"]}, open(out, "w"))
@@ -513,7 +514,7 @@ json.dump({"results": res["results"], "records": records, "lm_eval_version": res
 
 def test_scores_match_lm_eval_called_directly(tiny, tmp_path):
     """evaluate_checkpoint's speed-ups (lm-eval without its environment report and with each
-    prompt template compiled once: ``_lean_lm_eval``; glibc heap thresholds: learnforget.core.perf)
+    prompt template compiled once: ``lean_lm_eval``; glibc heap thresholds: learnforget.core.perf)
     change no score. The baseline is plain lm-eval in another process with glibc's default heap
     (LEARNFORGET_MALLOC=default), on the same model, tasks, batch size and seeds. Stated
     tolerance: metrics and completions (greedy and sampled) identical; per-request
@@ -531,7 +532,7 @@ def test_scores_match_lm_eval_called_directly(tiny, tmp_path):
     plan = [{"task": n, "group": None, "num_fewshot": None, "limit": None, "batch_size": 4, "sampling": None}
             for n in SCORED] + [code_gen]
     names = [i["task"] for i in plan]
-    ev.render_tasks(names, tiny / "data", tmp_path / "tasks", cache_dir=str(tmp_path / "cache"),
+    render_tasks(names, tiny / "data", tmp_path / "tasks", cache_dir=str(tmp_path / "cache"),
                     sampling={"lf_code_gen": code_gen["sampling"]})
     direct_json = tmp_path / "direct.json"
     baseline = subprocess.Popen(  # runs while ours does (a second core)
@@ -573,7 +574,7 @@ def test_lean_lm_eval_renders_templates_like_lm_eval_and_restores_it():
     templates = ["Question: {{question}}\nAnswer:", "{{choices}}", "{{text}}", "{{n}}",
                  "{{ text | regex_replace('a', 'x') }}", "{% if n %}{{n}}{% else %}zero{% endif %}\n"]
     expected = [originals[0](t, d) for t in templates for d in docs]
-    with ev._lean_lm_eval():
+    with ev.lean_lm_eval():
         patched = lm_eval.utils.apply_template
         assert patched is not originals[0]
         assert [patched(t, d) for t in templates for d in docs] == expected
@@ -584,6 +585,6 @@ def test_lean_lm_eval_renders_templates_like_lm_eval_and_restores_it():
         lm_eval.evaluator.add_env_info(info)
         assert set(info) == {"transformers_version", "lm_eval_version"}
     assert (lm_eval.utils.apply_template, lm_eval.evaluator.add_env_info) == originals
-    with pytest.raises(RuntimeError), ev._lean_lm_eval():
+    with pytest.raises(RuntimeError), ev.lean_lm_eval():
         raise RuntimeError("boom")
     assert (lm_eval.utils.apply_template, lm_eval.evaluator.add_env_info) == originals

@@ -9,6 +9,7 @@ import pytest
 
 from learnforget.report import figures as F
 from learnforget.report import markdown as R
+from learnforget.report import registry, tables
 
 LEARNING = {"math": ("lf_math", "exact_match_strict-match"), "code": ("lf_code", "bits_per_byte")}
 FORGETTING = ("lf_facts", "acc")
@@ -16,12 +17,15 @@ DURS = [1, 2, 4, 8]
 RUNS = ["math-full", "math-lora-r8", "code-full", "code-lora-r8"]
 
 
-def make_metrics(lora_forgets_less: bool = True, *, base_learning: bool = True) -> pd.DataFrame:
+def make_metrics(lora_forgets_less: bool = True, *, base_learning: bool = True, names=None) -> pd.DataFrame:
+    """metrics.csv of two settings, full finetuning and LoRA in each; ``names``: the config's
+    names of the methods (type -> name; by default the type's own)."""
     rows = []
 
     def add(run, method, domain, regime, dur, task, metric, value, role, hib):
-        rows.append(dict(run=run, method=method, domain=domain, regime=regime, duration=dur, task=task,
-                         metric=metric, value=value, role=role, higher_is_better=hib, task_version=1))
+        rows.append(dict(run=run, method=(names or {}).get(method, method), method_type=method, domain=domain,
+                         regime=regime, duration=dur, task=task, metric=metric, value=value, role=role,
+                         higher_is_better=hib, task_version=1))
 
     if base_learning:
         add("base", "base", "math", "base", 0, "lf_math", "exact_match_strict-match", 0.05, "learning", True)
@@ -47,7 +51,7 @@ MODS = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (6
         "gate_proj": (128, 64), "up_proj": (128, 64), "down_proj": (64, 128)}
 
 
-def make_spectral(n_layers: int = 3) -> pd.DataFrame:
+def make_spectral(n_layers: int = 3, names=None) -> pd.DataFrame:
     rows = []
     for run, method, r in (("math-full", "full", None), ("math-lora-r8", "lora", 8),
                            ("code-full", "full", None), ("code-lora-r8", "lora", 8)):
@@ -56,7 +60,8 @@ def make_spectral(n_layers: int = 3) -> pd.DataFrame:
                 for m, (o, i) in MODS.items():
                     mr = min(o, i)
                     rk = min(r, 3 + layer) if r else min(mr, 4 + 2 * d + layer)
-                    rows.append(dict(run=run, method=method, duration=d, layer=layer, module=m, shape=f"{o} x {i}",
+                    rows.append(dict(run=run, method=(names or {}).get(method, method), method_type=method,
+                                     duration=d, layer=layer, module=m, shape=f"{o} x {i}",
                                      rank90=rk, rank90_base=int(0.6 * mr), rank90_finetuned=int(0.6 * mr),
                                      rank90_gaussian=int(0.52 * mr), effective_rank=1.3 * rk, max_rank=mr,
                                      fraction=0.9, frob_norm=1.0, lora_rank=r))
@@ -262,7 +267,7 @@ def make_seeded(n_seeds=3, lrs=(1e-4, 1e-3)):
     rows = []
 
     def add(run, series, method, d, task, metric, value, role, seed, lr, domain="math"):
-        rows.append(dict(run=run, series=series, method=method, domain=domain, regime="ift", duration=d,
+        rows.append(dict(run=run, series=series, method=method, method_type=method, domain=domain, regime="ift", duration=d,
                          task=task, metric=metric, value=value, role=role, higher_is_better=True,
                          task_version=1, seed=seed, lr=lr))
 
@@ -343,7 +348,8 @@ def test_diversity_data(tmp_path):
                                             ("full-s2", "full", 1, 2.5, 0.8), ("lora", "lora", 1, 3.0, 0.6),
                                             ("lora", "lora", 2, 2.0, 0.7)):
         for metric, v in (("distinct", distinct), ("mean_pairwise_similarity", sim), ("distinct_fraction", 0.5)):
-            rows.append(dict(run=run, series=series, method=run.split("-")[0], domain="code", regime="cpt",
+            rows.append(dict(run=run, series=series, method=run.split("-")[0], method_type=run.split("-")[0],
+                             domain="code", regime="cpt",
                              duration=dur, task="lf_humaneval", metric=metric, value=v, role="diversity"))
     m = pd.concat([make_metrics(), pd.DataFrame(rows)], ignore_index=True)
     files, data = F.diversity(m, tmp_path, return_data=True)
@@ -403,3 +409,130 @@ def test_report_names_every_run_of_the_config(tmp_path):
         assert f"| {r['name']} |" in text
     assert "mean ± the 95% confidence interval" in text
     assert "0.410 ± " in text  # math-full at duration 2: mean of 0.40, 0.41, 0.42
+
+
+# ----------------------------------------------------------------------------- methods by type, not name
+
+MISLEADING = {"full": "baseline", "lora": "fullish"}  # a full method named baseline, a LoRA named fullish
+
+
+def _drawn_lines(monkeypatch, module):
+    """Draw through ``module``'s save and record every panel's lines: (colour, marker, style)."""
+    from matplotlib.colors import to_hex
+
+    drawn = []
+    save = module.save
+
+    def record(fig, out_dir, name):
+        drawn.append([[(to_hex(line.get_color()), line.get_marker(), line.get_linestyle()) for line in ax.get_lines()]
+                      for ax in fig.axes])
+        return save(fig, out_dir, name)
+
+    monkeypatch.setattr(module, "save", record)
+    return drawn
+
+
+def test_methods_are_what_their_type_says_not_what_their_name_says(tmp_path, monkeypatch):
+    from learnforget.report.figures import curves, learning_vs_forgetting, lr_sensitivity
+
+    plain, named = make_metrics(), make_metrics(names=MISLEADING)
+    text = {}
+    for key, m, s in (("plain", plain, make_spectral()), ("named", named, make_spectral(names=MISLEADING))):
+        text[key] = "\n".join(R.findings(m, s, learning=LEARNING, forgetting=FORGETTING))
+    assert "**math-lora-r8 forgot less than math-full at equal duration**" in text["named"]
+    assert "math-full (baseline): dropped from 0.600 to 0.430" in text["named"]
+    renamed = text["named"].replace("(baseline)", "(full)").replace("(fullish)", "(lora)")
+    assert renamed == text["plain"]  # the same sentences: only the names differ
+    # styles: full finetuning in cool colours with circles, LoRA warm with squares, whatever the names
+    types = tables.run_method_types(named)
+    assert types["math-full"] == "full" and types["math-lora-r8"] == "lora"
+    assert F.run_styles(RUNS, types) == F.run_styles(RUNS, tables.run_method_types(plain))
+    assert F.run_styles(RUNS, types)["code-full"] == {"color": "#1d4e89", "marker": "o"}  # full first, cool
+    assert F.run_styles(["baseline", "fullish"], tables.method_types_by_name(named)) == {
+        "baseline": {"color": "#1d4e89", "marker": "o"}, "fullish": {"color": "#e8590c", "marker": "s"}}
+    # the drawn figures: the same lines with the same colours, markers and line styles, same groupings
+    tradeoff = (learning_vs_forgetting, lambda m, out: F.tradeoff(m, out, learning=LEARNING, forgetting=FORGETTING))
+    for module, draw in (tradeoff, (curves, lambda m, out: F.forgetting_curves(m, out, forgetting=FORGETTING))):
+        drawn = _drawn_lines(monkeypatch, module)
+        draw(plain, tmp_path / "plain")
+        draw(named, tmp_path / "named")
+        assert len(drawn) == 2 and drawn[0] == drawn[1]
+        monkeypatch.undo()
+    assert F.tradeoff_data(named, learning=LEARNING, forgetting=FORGETTING) == F.tradeoff_data(
+        plain, learning=LEARNING, forgetting=FORGETTING)
+    assert F.run_groups(named) == F.run_groups(plain)
+    assert F.spectral_ranks_data(make_spectral(names=MISLEADING), groups=F.run_groups(named)) == \
+        F.spectral_ranks_data(make_spectral(), groups=F.run_groups(plain))
+    # the sensitivity figure's lines are per method: a swept "fullish" LoRA is drawn as LoRA
+    seeded = make_seeded().assign(method_type=lambda d: d["method"],
+                                  method=lambda d: d["method"].map(lambda x: MISLEADING.get(x, x)))
+    drawn = _drawn_lines(monkeypatch, lr_sensitivity)
+    _, data = F.sensitivity(seeded, tmp_path / "sens", learning=LEARNING, forgetting=FORGETTING, return_data=True)
+    assert list(data[("math", "ift")]) == ["fullish"]
+    lines = [line for panel in drawn[0] for line in panel]  # the lines and their error bars' caps
+    assert {colour for colour, _, _ in lines} == {"#e8590c"} and {"s"} <= {marker for _, marker, _ in lines}
+    assert "o" not in {marker for _, marker, _ in lines}
+
+
+def test_a_table_without_method_type_is_refused_not_guessed_from_names():
+    m = make_metrics().drop(columns=["method_type"])
+    with pytest.raises(ValueError, match="no method_type for run"):
+        tables.run_method_types(m)
+
+
+def test_full_finetuning_and_composites_are_asked_of_the_registry():
+    assert tables.is_full_finetuning("full") and not tables.is_full_finetuning("lora")
+    assert not tables.is_full_finetuning("relora") and not tables.is_full_finetuning("base")
+    assert not tables.is_full_finetuning("fft")  # a name, not a registered type
+    assert tables.is_composite("compose") and not tables.is_composite("lora")
+
+
+# ----------------------------------------------------------------------------- the figure registry
+
+
+def _tiny_config(**changes):
+    import copy
+
+    import yaml
+
+    from learnforget.study.config import validate
+
+    raw = yaml.safe_load((Path(__file__).parent / "tiny.yaml").read_text())
+    for change in changes.values():
+        change(raw)
+    return validate(copy.deepcopy(raw))
+
+
+def test_figure_names_follow_the_config():
+    assert registry.figure_names(_tiny_config()) == [
+        "tradeoff", "learning", "forgetting", "diversity", "spectral_ranks", "spectral_modules", "spectrum"]
+    sweep = _tiny_config(sweep=lambda raw: raw["runs"][1].update(sweep={"lr": [1e-4, 2e-3]}))
+    assert registry.figure_names(sweep)[:5] == ["tradeoff", "learning", "forgetting", "sensitivity", "diversity"]
+    unsampled = _tiny_config(samples=lambda raw: raw["evaluation"]["groups"].pop("samples"))
+    assert "diversity" not in registry.figure_names(unsampled)
+
+
+def test_every_figure_has_a_caption_and_a_drawing_function(tmp_path):
+    workflow = Path(__file__).resolve().parents[1] / "workflow"
+    assert [f.name for f in registry.FIGURES] == list(registry.BY_NAME)
+    for fig in registry.FIGURES:
+        assert (workflow / fig.caption).is_file(), fig.caption
+    inputs = registry.FigureInputs(metrics=make_metrics(), spectral=make_spectral(), learning=LEARNING,
+                                   forgetting=FORGETTING, composites={}, groups=F.run_groups(make_metrics()),
+                                   series={}, spectra={}, spectrum={"layer": None, "module": "q_proj"})
+    drawn = {name: registry.BY_NAME[name].draw(inputs, tmp_path) for name in
+             ("tradeoff", "learning", "forgetting", "spectral_ranks", "spectral_modules", "spectrum")}
+    names = ("tradeoff", "learning", "forgetting", "spectral_ranks", "spectral_modules")
+    assert {n: sorted(Path(f).name for f in files) for n, files in drawn.items() if files} == {
+        n: [f"{n}.pdf", f"{n}.png"] for n in names}
+    assert drawn["spectrum"] == []  # no spectra: no figure
+
+
+def test_the_registry_keeps_matplotlib_out_of_snakemakes_process():
+    import subprocess
+    import sys
+
+    code = ("import sys, learnforget.report.registry; "
+            "print(sorted(m for m in ('matplotlib', 'torch', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -16,7 +16,7 @@ from learnforget.core import integrity
 from learnforget.train import keep
 from learnforget.core.integrity import DROPPED, CorruptCheckpoint
 from learnforget.core.io import read_json, sha256_file, write_json
-from learnforget.report.markdown import _disk_table
+from learnforget.report.markdown import disk_table
 from learnforget.train.loop import finetune
 from test_train import CFG, _same_weights, _weights, world  # noqa: F401  (world: a fixture)
 from workflow_utils import REPO
@@ -232,7 +232,7 @@ def test_disk_usage_per_run_and_in_the_report(tmp_path):
     assert a["total"] == a["checkpoints"] + 300 + 70 + 30
     assert disk.loc["b", "total"] == 0 and disk.loc["base", "checkpoints"] == 2000
     assert disk.loc["all of results/", "total"] == a["total"] + 2000 + 5
-    lines = "\n".join(_disk_table(disk.reset_index()))
+    lines = "\n".join(disk_table(disk.reset_index()))
     assert "**Disk used per run (MiB)**" in lines and "| a |" in lines and "freed by the keep policy" in lines
 
 

@@ -309,3 +309,39 @@ def test_bad_inputs_are_named(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         estimate(TINY, args.pop("method"), **args)
+
+
+# ----------------------------------------------------------------------------- behaviour comes from the method type
+@pytest.mark.parametrize("gpu", [0, "auto", 2])
+def test_plans_follow_the_method_type_not_the_users_method_name(gpu):
+    """A full-finetuning method the study names ``baseline`` and a LoRA method it names ``fullish``
+    get exactly the plans of ``full`` and ``lora`` with the same settings: GPU count, FSDP or DDP,
+    host memory, memory per GPU and every part of the plan."""
+    import yaml
+
+    from learnforget.cluster import resources as lfres
+    from learnforget.study import config as lfconfig
+
+    raw = yaml.safe_load((Path(__file__).resolve().parent / "tiny.yaml").read_text())
+    lora = {"type": "lora", "rank": 16, "alpha": 32, "target": "all"}
+    raw.update(model=dict(LLAMA2_7B, max_position_embeddings=4096), tokenizer={"vocab_size": 32000},
+               methods={"full": {"type": "full"}, "lora": lora, "baseline": {"type": "full"}, "fullish": dict(lora)},
+               finetune={"batch_size": 16, "seq_len": 512, "precision": "bf16", "lr": 1.0e-4},
+               runs=[{"name": f"math-{m}", "domain": "math", "regime": "ift", "method": m}
+                     for m in ("full", "lora", "baseline", "fullish")],
+               resources={"gpu": gpu})
+    cfg = lfconfig.validate(raw)
+    runs = {r.method_name: r for r in lfconfig.expand_runs(cfg)}
+    plans = {name: lfres.train_plan(cfg, run) for name, run in runs.items()}
+    for named, reference in (("baseline", "full"), ("fullish", "lora")):
+        got, want = dict(plans[named]), dict(plans[reference])
+        assert got.pop("summary").replace(f"math-{named}", "") == want.pop("summary").replace(f"math-{reference}", "")
+        assert got == want
+        job = {k: v for k, v in gpu_plan_for_job(cfg["model"], runs[named].method, runs[named].train, 80,
+                                                 vocab_size=32000).items() if k != "plan"}
+        assert job == {k: v for k, v in gpu_plan_for_job(cfg["model"], runs[reference].method, runs[reference].train,
+                                                          80, vocab_size=32000).items() if k != "plan"}
+    if gpu != 0:  # on several GPUs full finetuning is sharded (FSDP), LoRA replicated (DDP)
+        assert "FSDP" in plans["baseline"]["summary"] and "DDP" in plans["fullish"]["summary"]
+    if gpu == "auto":  # and needs more of them
+        assert plans["baseline"]["gpus"] > plans["fullish"]["gpus"]

@@ -48,8 +48,9 @@ def eval_json(meta: dict) -> dict:
     }  # fmt: skip
 
 
-BASE = {"run": "base", "method": "base", "domain": "", "regime": "", "duration": 0.0}
-MATH = {"run": "math-cpt-lora", "method": "lora", "domain": "math", "regime": "cpt", "duration": 2}
+BASE = {"run": "base", "method": "base", "method_type": "base", "domain": "", "regime": "", "duration": 0.0}
+MATH = {"run": "math-cpt-lora", "method": "lora", "method_type": "lora", "domain": "math", "regime": "cpt",
+        "duration": 2}
 
 
 def by_key(rows):
@@ -113,6 +114,20 @@ def test_group_rows_roles_and_domains(tmp_path):
     assert g[("math-cpt-lora", "forgetting")].domain == "math" and g[("math-cpt-lora", "forgetting")].metric == "acc"
     assert g[("math-cpt-lora", "probe")].role == "other"
     assert len(df) == 2 * len(tidy_rows(eval_json(MATH))) + 2 * len(GROUPS)
+
+
+def test_method_type_follows_method_and_comes_from_the_meta_not_the_name(tmp_path):
+    assert COLUMNS[COLUMNS.index("method") + 1] == "method_type"
+    full = {**MATH, "run": "math-baseline", "method": "baseline", "method_type": "full"}
+    paths = []
+    for meta in (BASE, full):
+        p = tmp_path / f"{meta['run']}.json"
+        p.write_text(json.dumps(eval_json(meta)))
+        paths.append(p)
+    df = collect(paths, groups=GROUPS)
+    assert list(df.columns[:3]) == ["run", "method", "method_type"]
+    types = {(r.run, r.method, r.method_type) for r in df.itertuples()}  # task and group rows alike
+    assert types == {("base", "base", "base"), ("math-baseline", "baseline", "full")}
 
 
 def test_registry_filters_metrics_but_not_unknown_tasks():

@@ -14,7 +14,8 @@ from learnforget.train.optim import Lion
 from learnforget.train.schedules import SCHEDULES, cooldown_start, length_independent, make_schedule
 from learnforget.data.tokens import Batches, load_tokens, save_tokens, tokenize_cpt, tokenize_ift
 from learnforget.train.settings import TrainConfig
-from learnforget.train.loop import duration_to_steps, finetune, plan_segment, pretrain_base, train
+from learnforget.train.loop import duration_to_steps, finetune, pretrain_base, train
+from learnforget.train.settings import plan_segment
 
 torch.set_num_threads(1)
 

@@ -1,13 +1,26 @@
-"""Command line: ``learnforget validate CONFIG`` checks a study config without running it;
-``learnforget plan CONFIG`` estimates each finetuning job's memory and GPUs;
-``learnforget humaneval-score SAMPLES.jsonl`` scores HumanEval samples in the sandbox."""
+"""Command line of the library, for what Snakemake does not do:
+
+- ``learnforget validate CONFIG`` checks a study config and lists its runs without running anything;
+- ``learnforget plan CONFIG`` estimates each finetuning job's memory and GPUs;
+- ``learnforget config-reference [--output docs/config.md]`` writes the config reference;
+- ``learnforget humaneval-score SAMPLES.jsonl`` scores HumanEval samples in the sandbox.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from learnforget import __version__
+from learnforget.core import hub
+from learnforget.data import sources
+from learnforget.evaluate import plan as eval_plan
+from learnforget.score import humaneval
+from learnforget.cluster.planner import gpu_plan_for_job
 from learnforget.study import config as lfconfig
+from learnforget.study import reference
+from learnforget.train.settings import MODES
 
 
 def _load(path: str) -> dict | None:
@@ -19,49 +32,47 @@ def _load(path: str) -> dict | None:
         return None
 
 
-def _validate(args) -> int:
-    from learnforget.train.settings import MODES
+def _print_runs(cfg: dict, path: str) -> None:
 
-    cfg = _load(args.config)
-    if cfg is None:
-        return 2
     runs = lfconfig.expand_runs(cfg)
-    print(f"{args.config}: valid; {len(runs)} runs, "
+    print(f"{path}: valid; {len(runs)} runs, "
           f"{sum(len(r.labels) for r in runs)} checkpoints, datasets {', '.join(lfconfig.token_datasets(cfg))}")
     for r in runs:
         print(f"  {r.name}: {r.method_name} ({r.method['type']}) on {r.domain}/{r.regime}, "
               f"durations {', '.join(r.labels)} {r.unit}, lr {r.train.get('lr')}, "
               f"durations: {r.mode} ({MODES[r.mode]})")
-    from learnforget.evaluate import harness as evaluation
-    from learnforget.core import hub
-
-    for name, g in evaluation.parse_groups(cfg["evaluation"]["groups"]).items():
+    for name, g in eval_plan.parse_groups(cfg["evaluation"]["groups"]).items():
         metric = g.metric if isinstance(g.metric, str) or g.metric is None else "per task"
         print(f"  evaluation group {name}: {g.role}{' ' + g.domain if g.domain else ''}, "
               f"{', '.join(g.tasks)}{', metric ' + metric if metric else ''}")
-    try:
-        found = hub.check_tasks(evaluation.hub_tasks(cfg["evaluation"]), cfg["evaluation"]["datasets"])
-    except hub.DatasetUnavailable as exc:
-        print(f"learn-forget: {exc}", file=sys.stderr)
-        return 2
+
+
+def _print_sources(cfg: dict) -> None:
+    """Where each hub dataset and model comes from; raises when one is unavailable."""
+    found = hub.check_tasks(eval_plan.hub_tasks(cfg["evaluation"]), cfg["evaluation"]["datasets"])
     for task, src in found.items():
         print(f"  hub dataset of {task}: {src['dataset']} ({src['source']})")
-    from learnforget.data import sources
-
-    try:
-        located = sources.check_available(cfg, datasets=lfconfig.token_datasets(cfg))
-    except sources.SourceUnavailable as exc:
-        print(f"learn-forget: {exc}", file=sys.stderr)
-        return 2
+    located = sources.check_available(cfg, datasets=lfconfig.token_datasets(cfg))
     for key, where in located.items():
         print(f"  {key}: {where.kind}{' ' + str(where.path) if where.path else ''}")
+
+
+def _validate(args) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    _print_runs(cfg, args.config)
+    try:
+        _print_sources(cfg)
+    except (hub.DatasetUnavailable, sources.SourceUnavailable) as exc:
+        print(f"learn-forget: {exc}", file=sys.stderr)
+        return 2
     if args.show:
         print(lfconfig.dump(cfg))
     return 0
 
 
 def _plan(args) -> int:
-    from learnforget.cluster.planner import gpu_plan_for_job
 
     cfg = _load(args.config)
     if cfg is None:
@@ -84,17 +95,15 @@ def _plan(args) -> int:
 
 
 def _config_reference(args) -> int:
-    from learnforget.study.reference import markdown
 
-    print(markdown(), end="")
+    if args.output:
+        print(f"wrote {reference.write(args.output)}")
+    else:
+        print(reference.markdown(), end="")
     return 0
 
 
 def _humaneval_score(args) -> int:
-    import json
-
-    from learnforget.score import humaneval
-
     try:
         summary = humaneval.score_file(args.samples, ks=args.k, per_sample_out=args.out,
                                        timeout_s=args.timeout, workers=args.workers,
@@ -106,8 +115,10 @@ def _humaneval_score(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="learnforget", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="learnforget", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="validate a study config and list its runs")
     v.add_argument("config")
@@ -120,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-gpus", type=int, default=8)
     p.add_argument("--fsdp", action="store_true", help="shard every method with FSDP (default: full finetuning only, as the trainer does)")
     p.set_defaults(func=_plan)
-    r = sub.add_parser("config-reference", help="print the config reference (markdown) that the README embeds")
+    r = sub.add_parser("config-reference", help="the config reference (markdown) generated from the schema and "
+                                                "the component classes: docs/config.md")
+    r.add_argument("--output", metavar="PATH", default=None, help="write it here (e.g. docs/config.md) "
+                                                                  "instead of printing it")
     r.set_defaults(func=_config_reference)
     h = sub.add_parser("humaneval-score", help="score HumanEval samples (JSONL of task_id, completion) "
                                                "in the sandbox; print pass@k as JSON")
@@ -132,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--out", metavar="PER_SAMPLE.jsonl", default=None, help="write per-sample results here")
     h.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     h.set_defaults(func=_humaneval_score)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

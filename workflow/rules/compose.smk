@@ -11,7 +11,7 @@ rule compose:
         unpack(compose_input),
     output:
         search=f"{R}/compose/{lfcompose.SEARCH_JSON}",
-        adapters=[directory(d) for d in compose_adapter_dirs()],
+        adapters=[directory(d) for d in STUDY.compose_adapter_dirs()],
     log:
         f"{R}/logs/compose/search.log",
     benchmark:

@@ -30,7 +30,7 @@ rule evaluate:
 rule score:
     input:
         samples=f"{R}/evals/{{run}}/{{duration}}.samples.jsonl",
-        data=data_files()["code_test"],
+        data=STUDY.data_files()["code_test"],
     output:
         results=f"{R}/evals/{{run}}/{{duration}}.scored.json",
         executions=f"{R}/evals/{{run}}/{{duration}}.executions.jsonl",

@@ -1,5 +1,5 @@
 # Tidy tables, the paper's figures and report.md, all generated from the results. Which
-# figures exist follows from the config (learnforget.study.config.figure_names): a figure is drawn
+# figures exist follows from the config (learnforget.report.registry.figure_names): a figure is drawn
 # only when the study provides its data, and a drawn figure is never empty.
 
 

@@ -80,9 +80,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from learnforget.train.methods import (AdaLoraMethodConfig, DoraMethodConfig, FullConfig, LoraMethodConfig,
-                                 MethodConfig, method_from_dict)
+from learnforget.train.methods import AdapterShape, MethodConfig, as_method
 from learnforget.train.modeling import validate_arch
+from learnforget.train.settings import TrainConfig
 
 GiB = 2**30
 MiB = 2**20
@@ -155,46 +155,37 @@ def count_params(arch: dict, vocab_size: int | None = None) -> dict[str, Any]:
             "matrices": layers * (attention + mlp) + v * h, "vocab_size": v, "total": total}
 
 
-def _method(method: MethodConfig | dict) -> MethodConfig:
-    return method if isinstance(method, MethodConfig) else method_from_dict(method)
-
-
-def _adapter(m: MethodConfig) -> tuple[int, list[str], bool, bool] | None:
-    """(rank, target modules, dora, adalora) of a LoRA-family method; None for full finetuning;
-    ValueError for a method the planner has no model of."""
-    if isinstance(m, FullConfig):
+def _adapter(m: MethodConfig) -> AdapterShape | None:
+    """What a low-rank method trains (its :meth:`~learnforget.train.methods.MethodConfig.adapter_shape`);
+    None for full finetuning; ValueError for a method that is neither (the planner has no model of it)."""
+    if m.full_finetuning:
         return None
-    if isinstance(m, LoraMethodConfig):  # lora, dora, relora
-        rank, adalora = m.rank, False
-    elif isinstance(m, AdaLoraMethodConfig):
-        rank, adalora = m.init_r, True
-    else:
+    ad = m.adapter_shape()
+    if ad is None:
         raise ValueError(f"the memory planner has no parameter model for method type {m.type!r} "
-                         f"(add one to learnforget.cluster.planner)")
-    targets = list(m.target_modules)
-    unknown = [t for t in targets if t not in _LINEARS]
+                         f"(give it an adapter_shape(), learnforget.train.methods)")
+    unknown = [t for t in ad.targets if t not in _LINEARS]
     if unknown:
         raise ValueError(f"the memory planner knows the Llama linears {', '.join(_LINEARS)}; "
                          f"cannot size target(s) {', '.join(unknown)}")
-    return rank, targets, isinstance(m, DoraMethodConfig), adalora
+    return ad
 
 
 def trainable_params(arch: dict, method: MethodConfig | dict, vocab_size: int | None = None) -> int:
     """Parameters ``method`` trains on ``arch``: all of them for full finetuning; per targeted
     matrix and layer ``r * (d_in + d_out)`` for LoRA/ReLoRA, plus ``d_out`` (magnitude) for DoRA,
     plus ``init_r`` (the singular values) for AdaLoRA at its initial rank."""
-    m = _method(method)
+    m = as_method(method)
     counts = count_params(arch, vocab_size)
     ad = _adapter(m)
     if ad is None:
         return counts["total"]
-    rank, targets, dora, adalora = ad
     a, _ = _arch(arch, vocab_size)
     h, kv, i = _dims(a)
     per_layer = 0
-    for t in targets:
+    for t in ad.targets:
         d_in, d_out = _LINEARS[t](h, kv, i)
-        per_layer += rank * (d_in + d_out) + (d_out if dora else 0) + (rank if adalora else 0)
+        per_layer += ad.rank * (d_in + d_out) + (d_out if ad.magnitude else 0) + (ad.rank if ad.singular_values else 0)
     return a["num_hidden_layers"] * per_layer
 
 
@@ -280,10 +271,10 @@ class MemoryPlan:
                 f"{', checkpointing' if self.gradient_checkpointing else ''}]")
 
 
-def _needs_grad(ad, first: bool) -> dict[str, bool]:
+def _needs_grad(ad: AdapterShape | None, first: bool) -> dict[str, bool]:
     """Which linear inputs of a layer need a gradient: all of them for full finetuning and for every
     adapter layer but the first; in the first, only those downstream of an adapter."""
-    targets = set() if ad is None else set(ad[1])
+    targets = set() if ad is None else set(ad.targets)
     grad_in = ad is None or not first
     qkv_grad = grad_in or bool(targets & {"q_proj", "k_proj", "v_proj"})
     grad_mid = qkv_grad or "o_proj" in targets  # the residual stream after attention
@@ -291,12 +282,13 @@ def _needs_grad(ad, first: bool) -> dict[str, bool]:
     return {"attn_in": grad_in, "o_in": qkv_grad, "mlp_in": grad_mid, "down_in": down_grad}
 
 
-def _layer_activation_bytes(h: int, kv: int, i: int, heads: int, *, ad, compute: str, device: str,
+def _layer_activation_bytes(h: int, kv: int, i: int, heads: int, *, ad: AdapterShape | None, compute: str,
+                            device: str,
                             adapter_dropout: float = 0.0, full_dropout: float = 0.0,
                             first: bool = False) -> dict[str, float]:
     """Bytes per token one decoder layer saves for backward, by part.
 
-    ``ad``: the adapter tuple of :func:`_adapter` (None: full finetuning, every weight trains).
+    ``ad``: the method's :class:`AdapterShape` (None: full finetuning, every weight trains).
     ``compute``: "fp32", "autocast" (float32 storage, bf16 matmuls) or "bf16" (bf16 storage, or FSDP
     mixed precision). Under "bf16" with adapters, peft's float32 adapter weights make each adapter
     cast its input to float32 and save that copy. ``first``: the first layer of an adapter method,
@@ -305,7 +297,7 @@ def _layer_activation_bytes(h: int, kv: int, i: int, heads: int, *, ad, compute:
     CUDA (fused native_dropout), a mask in the input's dtype on the CPU.
     """
     full = ad is None
-    targets = set() if full else set(ad[1])
+    targets = set() if full else set(ad.targets)
     act = 4 if compute == "fp32" else 2
     norm_out = 2 if compute == "bf16" else 4  # RMSNorm's normalised output (weight trains), input dtype
     norm = 4 * h + 4 + (norm_out * h if full else 0)  # float32 input (pow and mul save it) and rsqrt
@@ -351,13 +343,12 @@ def _layer_activation_bytes(h: int, kv: int, i: int, heads: int, *, ad, compute:
             inputs += n * (2 if compute == "autocast" else 4) * d
     parts["linear_inputs"] = inputs
     if not full:
-        rank, _, dora, _ = ad
         a_act = 2 if compute == "autocast" else 4
         extra = 0.0
         for t in targets:
             d_out = _LINEARS[t](h, kv, i)[1]
-            extra += a_act * rank  # the rank-r intermediate (lora_B's input)
-            if dora:
+            extra += a_act * ad.rank  # the rank-r intermediate (lora_B's input)
+            if ad.magnitude:
                 extra += 2 * a_act * d_out  # base output and scaled adapter output (magnitude's gradient)
         parts["adapters"] = extra
     if full and full_dropout > 0:  # residual dropout on the attention and MLP outputs
@@ -365,23 +356,7 @@ def _layer_activation_bytes(h: int, kv: int, i: int, heads: int, *, ad, compute:
     return parts
 
 
-def estimate(arch: dict, method: MethodConfig | dict, *, micro_batch: int, seq_len: int,
-             vocab_size: int | None = None, precision: str = "bf16", optimizer: str = "adamw",
-             n_gpus: int = 1, fsdp: bool = False, gradient_checkpointing: bool = False,
-             device: str = "cuda", name: str | None = None) -> MemoryPlan:
-    """Peak memory per GPU of one training step (see the module docstring for the conventions).
-
-    ``micro_batch``: sequences per GPU per forward pass; ``seq_len``: tokens per sequence (an
-    upper bound for padded instruction batches); ``vocab_size``: the tokenizer's (or an
-    ``arch["vocab_size"]``); ``precision``: one of :data:`PRECISIONS`; ``optimizer``: one of
-    :data:`OPTIMIZER_STATES`; ``n_gpus`` > 1 without ``fsdp``: DDP replicas; ``device``:
-    "cuda" (overhead: CUDA context and allocator slack) or "cpu" (a CPU job: dropout masks in
-    the input's dtype, overhead :data:`HOST_BASELINE_BYTES` per process).
-    """
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
-    m = _method(method)
-    a, v = _arch(arch, vocab_size)
+def _check_settings(*, precision: str, optimizer: str, micro_batch: int, seq_len: int, n_gpus: int) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if optimizer not in OPTIMIZER_STATES:
@@ -389,33 +364,35 @@ def estimate(arch: dict, method: MethodConfig | dict, *, micro_batch: int, seq_l
     for key, val in (("micro_batch", micro_batch), ("seq_len", seq_len), ("n_gpus", n_gpus)):
         if not (isinstance(val, int) and not isinstance(val, bool) and val >= 1):
             raise ValueError(f"{key} must be a positive integer, got {val!r}")
-    counts = count_params(a | {"vocab_size": v})
-    h, kv, i = _dims(a)
-    layers, heads = a["num_hidden_layers"], a["num_attention_heads"]
-    ad = _adapter(m)
-    full = ad is None
-    n_params = counts["total"]
-    n_train = trainable_params(a | {"vocab_size": v}, m)
-    n_frozen = n_params if not full else 0  # the adapters come on top of the base model
-    shard = n_gpus if fsdp else 1
 
-    # storage bytes: frozen weights, trained weights (gradients and states share their dtype)
+
+def _storage(precision: str, fsdp: bool, full: bool) -> tuple[int, int, str]:
+    """(bytes per frozen weight, bytes per trained weight (its gradient and optimizer states share
+    its dtype), how the forward computes: "fp32", "autocast" or "bf16")."""
     if precision == "pure_bf16":
-        frozen_b, train_b = 2, (2 if full else 4)  # peft keeps adapters in float32
-        compute = "bf16"
-    else:
-        frozen_b = train_b = 4
-        compute = "fp32" if precision == "fp32" else ("bf16" if fsdp else "autocast")
-    detail: dict[str, Any] = {"compute": compute}
+        return 2, (2 if full else 4), "bf16"  # peft keeps adapters in float32
+    return 4, 4, "fp32" if precision == "fp32" else ("bf16" if fsdp else "autocast")
 
+
+def _training_state(ad: AdapterShape | None, *, n_frozen: int, n_train: int, frozen_b: int, train_b: int,
+                    shard: int, optimizer: str, detail: dict) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer states) in bytes on one GPU (its shard under FSDP)."""
     weights = (n_frozen * frozen_b + n_train * train_b) / shard
     gradients = n_train * train_b / shard
     states = OPTIMIZER_STATES[optimizer] * n_train * train_b / shard
-    if isinstance(m, AdaLoraMethodConfig):
-        # the rank allocator's ipt, exp_avg_ipt and exp_avg_unc for every adapter parameter
-        detail["adalora_importance"] = 3 * n_train * train_b / shard
+    if ad is not None and ad.importance_scores:
+        # AdaLoRA's rank allocator: ipt, exp_avg_ipt and exp_avg_unc for every adapter parameter
+        detail["adalora_importance"] = ad.importance_scores * n_train * train_b / shard
         states += detail["adalora_importance"]
+    return weights, gradients, states
 
+
+def _buffers(ad: AdapterShape | None, a: dict, v: int, counts: dict, *, n_train: int, train_b: int, compute: str,
+             n_gpus: int, fsdp: bool, gradient_checkpointing: bool, detail: dict) -> tuple[float, int]:
+    """(buffers, layer_casts): autocast's bf16 weight copies, DDP's gradient buckets and FSDP's
+    gathered units in bytes; the copies one recomputed layer makes under checkpointing."""
+    full = ad is None
+    h, layers = a["hidden_size"], a["num_hidden_layers"]
     buffers = 0.0
     layer_casts = 0
     if compute == "autocast":
@@ -438,8 +415,17 @@ def estimate(arch: dict, method: MethodConfig | dict, *, micro_batch: int, seq_l
         detail["fsdp_gathered"] = (root + 2 * layer_params) * unit_b
         detail["fsdp_unsharded_grads"] = (counts["layer"] if full else n_train // layers) * train_b
         buffers += detail["fsdp_gathered"] + detail["fsdp_unsharded_grads"]
+    return buffers, layer_casts
 
-    # activations
+
+def _activations(m: MethodConfig, ad: AdapterShape | None, a: dict, v: int, *, micro_batch: int, seq_len: int,
+                 compute: str, device: str, gradient_checkpointing: bool, layer_casts: int,
+                 detail: dict) -> tuple[float, float, float, float, dict[str, float]]:
+    """(activations, logits_copy, workspace, recompute, one layer's activations per token by part)
+    in bytes (see the module docstring)."""
+    full = ad is None
+    h, kv, i = _dims(a)
+    layers, heads = a["num_hidden_layers"], a["num_attention_heads"]
     tokens = micro_batch * seq_len
     act = 4 if compute == "fp32" else 2
     dropouts = {"adapter_dropout": 0.0 if full else float(getattr(m, "dropout", 0.0)),
@@ -466,7 +452,47 @@ def estimate(arch: dict, method: MethodConfig | dict, *, micro_batch: int, seq_l
     recompute = max(0, tokens * per_layer + layer_casts - final - tokens * v * 4) if gradient_checkpointing else 0
     detail.update({"activations_per_layer_per_token": layer_parts, "layer_activations": layer_acts,
                    "final_norm_and_head": final, "logits": logits})
+    return activations, logits_copy, workspace, recompute, layer_parts
 
+
+def estimate(arch: dict, method: MethodConfig | dict, *, micro_batch: int, seq_len: int,
+             vocab_size: int | None = None, precision: str = "bf16", optimizer: str = "adamw",
+             n_gpus: int = 1, fsdp: bool = False, gradient_checkpointing: bool = False,
+             device: str = "cuda", name: str | None = None) -> MemoryPlan:
+    """Peak memory per GPU of one training step (see the module docstring for the conventions).
+
+    ``micro_batch``: sequences per GPU per forward pass; ``seq_len``: tokens per sequence (an
+    upper bound for padded instruction batches); ``vocab_size``: the tokenizer's (or an
+    ``arch["vocab_size"]``); ``precision``: one of :data:`PRECISIONS`; ``optimizer``: one of
+    :data:`OPTIMIZER_STATES`; ``n_gpus`` > 1 without ``fsdp``: DDP replicas; ``device``:
+    "cuda" (overhead: CUDA context and allocator slack) or "cpu" (a CPU job: dropout masks in
+    the input's dtype, overhead :data:`HOST_BASELINE_BYTES` per process).
+    """
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    m = as_method(method)
+    a, v = _arch(arch, vocab_size)
+    _check_settings(precision=precision, optimizer=optimizer, micro_batch=micro_batch,
+                    seq_len=seq_len, n_gpus=n_gpus)
+    counts = count_params(a | {"vocab_size": v})
+    ad = _adapter(m)
+    full = ad is None
+    n_params = counts["total"]
+    n_train = trainable_params(a | {"vocab_size": v}, m)
+    n_frozen = n_params if not full else 0  # the adapters come on top of the base model
+    frozen_b, train_b, compute = _storage(precision, fsdp, full)
+    detail: dict[str, Any] = {"compute": compute}
+
+    weights, gradients, states = _training_state(ad, n_frozen=n_frozen, n_train=n_train, frozen_b=frozen_b,
+                                                 train_b=train_b, shard=n_gpus if fsdp else 1,
+                                                 optimizer=optimizer, detail=detail)
+    buffers, layer_casts = _buffers(ad, a, v, counts, n_train=n_train, train_b=train_b, compute=compute, n_gpus=n_gpus,
+                                    fsdp=fsdp, gradient_checkpointing=gradient_checkpointing, detail=detail)
+    activations, logits_copy, workspace, recompute, layer_parts = _activations(
+        m, ad, a, v, micro_batch=micro_batch, seq_len=seq_len, compute=compute, device=device,
+        gradient_checkpointing=gradient_checkpointing, layer_casts=layer_casts, detail=detail)
+
+    h, layers = a["hidden_size"], a["num_hidden_layers"]
     plan = MemoryPlan(
         name=name or f"{m.type} h{h} L{layers}", method=m.type, n_gpus=n_gpus, micro_batch=micro_batch,
         seq_len=seq_len, precision=precision, optimizer=optimizer, fsdp=fsdp,
@@ -494,7 +520,7 @@ def plan_gpus(arch: dict, method: MethodConfig | dict, *, batch_size: int, seq_l
     None shards full finetuning with FSDP over n > 1 GPUs and replicates adapter methods (their
     frozen weights too) with DDP; True/False force it. ValueError naming the job when nothing fits.
     """
-    m = _method(method)
+    m = as_method(method)
     if not (0 <= margin < 1):
         raise ValueError(f"margin must be in [0, 1), got {margin!r}")
     if not (isinstance(max_gpus, int) and max_gpus >= 1):
@@ -505,7 +531,7 @@ def plan_gpus(arch: dict, method: MethodConfig | dict, *, batch_size: int, seq_l
     label = name or f"{m.type} job"
     last = None
     for n in range(1, min(max_gpus, batch_size) + 1):
-        shard = (isinstance(m, FullConfig) and n > 1) if fsdp is None else (bool(fsdp) and n > 1)
+        shard = (m.shards_with_fsdp and n > 1) if fsdp is None else (bool(fsdp) and n > 1)
         mb = math.ceil(batch_size / n) if micro_batch is None else min(micro_batch, math.ceil(batch_size / n))
         plan = estimate(arch, m, micro_batch=mb, seq_len=seq_len, vocab_size=vocab_size, precision=precision,
                         optimizer=optimizer, n_gpus=n, fsdp=shard, gradient_checkpointing=gradient_checkpointing,
@@ -527,7 +553,7 @@ def host_memory_bytes(arch: dict, method: MethodConfig | dict, *, vocab_size: in
     counts = count_params(arch, vocab_size)
     per_process = 4 * (counts["total"] + trainable_params(arch, method, vocab_size)) + HOST_BASELINE_BYTES
     gather = 0
-    if isinstance(_method(method), FullConfig) and processes > 1:
+    if as_method(method).shards_with_fsdp and processes > 1:
         gather = 4 * (1 + OPTIMIZER_STATES.get(optimizer, 2)) * counts["total"]
     return processes * per_process + gather
 
@@ -548,9 +574,7 @@ def gpu_plan_for_job(arch: dict, method: MethodConfig | dict, train: dict | None
     holding the whole training state: ``mem_mb`` is then the CPU plan's total (training state plus
     :data:`HOST_BASELINE_BYTES`) times the processes.
     """
-    from learnforget.train.settings import TrainConfig
-
-    m = _method(method)
+    m = as_method(method)
     tc = TrainConfig.from_dict(train)
     label = name or f"{m.type} job"
     micro_batch = micro_batch or tc.micro_batch_size  # gradient accumulation over passes of this size

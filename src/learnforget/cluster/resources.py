@@ -25,7 +25,7 @@ float32 model that is loaded before it moves to the GPU, plus 2 GiB).
 **Runtime estimate** (minutes, what ``runtime`` asks for):
 
 1. Steps, as the trainer counts them (:func:`learnforget.train.loop.duration_to_steps` and
-   :func:`learnforget.train.loop.plan_segment`): a duration in epochs is ``ceil(epochs x items /
+   :func:`learnforget.train.settings.plan_segment`): a duration in epochs is ``ceil(epochs x items /
    batch_size)`` steps, in tokens ``ceil(tokens / (batch_size x seq_len))``, in steps itself. A job
    trains from where it starts (the base, the previous duration's checkpoint, or its trunk, by
    the run's mode) to its end step, so a job that continues the previous duration is charged only
@@ -57,7 +57,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable
 
+from learnforget import data as data_mod
 from learnforget.cluster import planner
+from learnforget.train.methods import as_method
+from learnforget.train.modeling import flops_per_token, validate_arch
+from learnforget.train.settings import TrainConfig, plan_segment
 
 MiB = 2**20
 GiB = 2**30
@@ -120,7 +124,8 @@ def train_plan(cfg: dict, run) -> dict[str, Any]:
     mb = math.ceil(tc.batch_size / n)
     plan = planner.estimate(cfg["model"], run.method, micro_batch=min(mb, tc.micro_batch_size or mb), seq_len=tc.seq_len,
                             vocab_size=vocab, precision=tc.precision, optimizer=tc.optimizer, n_gpus=n,
-                            fsdp=run.method.get("type") == "full" and n > 1, gradient_checkpointing=layout["gradient_checkpointing"],
+                            fsdp=as_method(run.method).shards_with_fsdp and n > 1,
+                            gradient_checkpointing=layout["gradient_checkpointing"],
                             name=run.name)
     host = planner.host_memory_bytes(cfg["model"], run.method, vocab_size=vocab, processes=n, optimizer=tc.optimizer)
     return {"gpus": n, "mem_mb": int(math.ceil(host / MiB)), "per_gpu_mb": int(math.ceil(plan.total / MiB)),
@@ -204,8 +209,6 @@ HUB_RECORDS_GUESS = 100_000
 def dataset_records(cfg: dict, dataset: str) -> int:
     """Training records of a token dataset as the config's data sizes give them (an upper
     bound for code, whose records are at most ``max_records_train``)."""
-    from learnforget import data as data_mod
-
     spec = cfg["data"].get("hub", {}).get(dataset)
     if spec:  # a hub dataset: its expected size as the config states it
         return int(spec.get("records") or spec.get("max_records") or HUB_RECORDS_GUESS)
@@ -268,9 +271,7 @@ def _steps(duration: float, unit: str, items: int, batch_size: int, seq_len: int
 
 def job_steps(run, label: str, part: str, items: int) -> tuple[int, int]:
     """``(start_step, end_step)`` of the job training ``run`` to duration ``label`` (``part``:
-    ``final`` or ``trunk``), with ``items`` per epoch; as :func:`learnforget.train.loop.plan_segment`."""
-    from learnforget.train.loop import plan_segment
-
+    ``final`` or ``trunk``), with ``items`` per epoch; as :func:`learnforget.train.settings.plan_segment`."""
     tc, m = run.train_config, run.method_config
     steps = {lab: _steps(d, run.unit, items, tc.batch_size, tc.seq_len) for lab, d in zip(run.labels, run.durations)}
     longest = max(steps.values())
@@ -290,8 +291,6 @@ def job_steps(run, label: str, part: str, items: int) -> tuple[int, int]:
 
 
 def _flops_per_token(cfg: dict, seq_len: int, adapter: bool) -> float:
-    from learnforget.train.modeling import flops_per_token, validate_arch
-
     arch = SimpleNamespace(**validate_arch(cfg["model"]), vocab_size=cfg["tokenizer"]["vocab_size"])
     return flops_per_token(arch, seq_len) * (ADAPTER_FLOPS if adapter else 1.0)
 
@@ -342,8 +341,6 @@ def base_runtime(cfg: dict, token_dirs: dict | None = None, attempt: int = 1) ->
     fixed = cfg["resources"]["base"]["runtime"]
     if fixed:
         return int(fixed) * max(1, int(attempt))
-    from learnforget.train.settings import TrainConfig
-
     tc = TrainConfig.from_dict(cfg["base"]["train"])
     mixed = 0.0
     for name, weight in cfg["base"]["mix"].items():

@@ -38,11 +38,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from learnforget.compose.check import COMPOSABLE
+from learnforget.core.integrity import verify_managed
+from learnforget.core.io import atomic_path, read_json, sha256_file, write_json
+from learnforget.core.modelcard import base_model_of, render, write_card
+from learnforget.data import IFT_TEMPLATES
+from learnforget.data.tokenizer import load_tokenizer
+from learnforget.study.basics import format_duration
+from learnforget.study.config import expand_runs
+
 #: The ``method`` of composite rows in ``metrics.csv`` (figures and the report draw them apart).
 METHOD = "compose"
-#: Method types whose adapters add_weighted_adapter combines exactly (DoRA's magnitude vectors
-#: and AdaLoRA's SVD triplets are not combined by it).
-COMPOSABLE = ("lora",)
 COMBINATIONS = ("linear", "cat")
 SEARCH_JSON = "search.json"
 _COMBINED = "default"  # the composite's adapter name: peft saves "default" at the folder's top
@@ -63,8 +69,6 @@ def plan(cfg: Mapping) -> dict | None:
     "weights": [...] (None for the searched one), "run": the single adapter's run}``, the
     searched composite first.
     """
-    from learnforget.study.config import expand_runs, format_duration
-
     c = cfg.get("compose") or {}
     if not c.get("enabled"):
         return None
@@ -94,57 +98,6 @@ def plan(cfg: Mapping) -> dict | None:
             "composites": composites}
 
 
-def check_config(cfg: Mapping) -> None:
-    """Cross-field checks of ``compose`` (after the schema): the runs exist and have lora
-    adapters, at least two, the duration is one of each, ``linear`` gets equal ranks, the
-    composites' names are free. Raises :class:`learnforget.study.config.ConfigError`."""
-    from learnforget.study.config import ConfigError, expand_grid, format_duration
-    from learnforget.train.methods import method_from_dict
-
-    c = cfg.get("compose") or {}
-    if not c.get("enabled"):
-        return
-    runs = {}
-    for r in cfg["runs"]:
-        for e in expand_grid([r]):
-            runs[e["name"]] = e
-    composable = [n for n, r in runs.items() if cfg["methods"][r["method"]]["type"] in COMPOSABLE]
-    names = list(c["adapters"]) or composable
-    for i, name in enumerate(c["adapters"]):
-        where = f"compose.adapters[{i}]"
-        if name not in runs:
-            raise ConfigError(where, f"no run named {name!r}; runs: {', '.join(sorted(runs))}")
-        mtype = cfg["methods"][runs[name]["method"]]["type"]
-        if mtype not in COMPOSABLE:
-            raise ConfigError(where, f"run {name!r} has method type {mtype!r}; only {', '.join(COMPOSABLE)} adapters "
-                                     "can be combined (peft's add_weighted_adapter)")
-        if name in c["adapters"][:i]:
-            raise ConfigError(where, f"run {name!r} is listed twice")
-    if len(names) < 2:
-        raise ConfigError("compose.adapters", f"composing needs at least two adapter runs, got {names or 'none'}"
-                          + ("" if c["adapters"] else f" (the runs with a {', '.join(COMPOSABLE)} method)"))
-    if c["duration"] is not None:
-        label = format_duration(c["duration"])
-        for name in names:
-            r = runs[name]
-            have = [format_duration(d) for d in r.get("durations", cfg["durations"]["values"])]
-            if label not in have:
-                raise ConfigError("compose.duration", f"run {name!r} has no checkpoint at duration {label} "
-                                                      f"(its durations: {', '.join(have)})")
-    ranks = {name: method_from_dict(cfg["methods"][runs[name]["method"]]).rank for name in names}
-    if c["combination"] == "linear" and len(set(ranks.values())) > 1:
-        raise ConfigError("compose.combination", "linear needs adapters of equal rank, got "
-                          + ", ".join(f"{n}: {r}" for n, r in ranks.items()) + "; use combination: cat")
-    taken = {"base", *runs}
-    for name in [c["name"], f"{c['name']}-uniform", *(f"{c['name']}-{n}" for n in names)]:
-        if name in taken:
-            raise ConfigError("compose.name", f"composite {name!r} would have the name of a run")
-    seq_len = c["target"]["seq_len"]
-    context = (cfg.get("model") or {}).get("max_position_embeddings")
-    if seq_len is not None and context and seq_len > context:
-        raise ConfigError("compose.target.seq_len", f"{seq_len} exceeds model.max_position_embeddings {context}")
-
-
 # ----------------------------------------------------------------------------- examples
 def few_shot_records(records: Sequence[Mapping], k: int, seed: int) -> list[Mapping]:
     """``k`` records drawn without replacement with ``seed`` (in the drawn order)."""
@@ -163,7 +116,7 @@ def tokenize_examples(records: Sequence[Mapping], tokenizer, *, domain: str, reg
     tokenized), continued-pretraining ones are the records' ``text``."""
     import torch
 
-    from learnforget.study.config import IFT_TEMPLATES
+    # lazy: data.tokens imports torch, kept out of Snakemake's main process (which plans)
     from learnforget.data.tokens import IGNORE_INDEX, tokenize_cpt, tokenize_ift
 
     if regime == "cpt":
@@ -212,7 +165,7 @@ def load_adapters(base_dir: str | os.PathLike, adapter_dirs: Sequence[str | os.P
     """The base model with every adapter loaded (named ``a0``, ``a1``, ...; peft's PeftModel)."""
     from peft import PeftModel
 
-    from learnforget.train.modeling import load_model
+    from learnforget.train.modeling import load_model  # lazy: keeps torch out of Snakemake's main process
 
     if not adapter_dirs:
         raise ValueError("no adapters to load")
@@ -341,9 +294,6 @@ def write_composite(model, weights: Sequence[float], out_dir: str | os.PathLike,
     """Write the combination as a checkpoint folder, atomically: ``model/`` a peft adapter
     (plus the tokenizer and ``card`` as its README.md), ``manifest.json`` the given fields plus
     ``files`` (sha256 of every file). Returns the manifest."""
-    from learnforget.core.io import atomic_path, sha256_file, write_json
-    from learnforget.core.modelcard import write_card
-
     combine(model, weights, combination)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -363,8 +313,6 @@ def composite_card(*, name: str, kind: str, base_model: str, adapters: Sequence[
                    combination: str, target: Mapping, durations: Mapping[str, float], unit: str,
                    fewshot_loss: float) -> str:
     """The model card of a composite (no scores: the ``cards`` rule adds them after evaluation)."""
-    from learnforget.core.modelcard import render
-
     what = {"search": "weights found by LoRAHub's gradient-free search",
             "uniform": "uniform weights (a baseline)", "single": "one adapter alone (a baseline)"}[kind]
     summary = (f"A composite of {len(adapters)} LoRA adapters ({what}), combined with peft's "
@@ -389,11 +337,6 @@ def run(base_dir: str | os.PathLike, adapter_dirs: Mapping[str, str | os.PathLik
     the examples from ``records`` (instruction ones with ``template``), search the weights,
     write every composite of ``spec`` (:func:`plan`) to ``out_dirs[name]`` and the search's
     record to ``search_json``."""
-    from learnforget.core.integrity import verify_managed
-    from learnforget.core.io import read_json, sha256_file, write_json
-    from learnforget.core.modelcard import base_model_of
-    from learnforget.data.tokenizer import load_tokenizer
-
     say = log or (lambda msg: None)
     runs = list(spec["runs"])
     for r in runs:

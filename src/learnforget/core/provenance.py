@@ -1,8 +1,13 @@
-"""What produced a study's numbers: versions, commit, hardware, and wall time per stage."""
+"""What produced a study's numbers: versions, commit, hardware, and wall time per stage.
+
+The one place that asks git and the package metadata: the study's provenance (:func:`collect`)
+and every checkpoint manifest (:func:`code_version`, :func:`library_versions`) read them here.
+"""
 
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import platform
 import subprocess
@@ -12,6 +17,8 @@ from pathlib import Path
 
 PACKAGES = ("learnforget", "torch", "transformers", "peft", "lm_eval", "tokenizers", "snakemake",
             "pandas", "numpy", "matplotlib")
+#: The libraries a checkpoint manifest records: what computed the weights.
+TRAINING_LIBRARIES = ("torch", "transformers", "peft")
 
 
 def versions() -> dict[str, str]:
@@ -24,17 +31,45 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_commit(repo: str | os.PathLike) -> str:
+def library_versions(names: tuple[str, ...] = TRAINING_LIBRARIES) -> dict[str, str]:
+    """Python's version and each library's ``__version__`` as imported (the build that ran, e.g.
+    torch's ``+cu121`` tag), for checkpoint manifests."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        out[name] = importlib.import_module(name).__version__
+    return out
+
+
+def _git_state(repo: str | os.PathLike) -> tuple[str, bool] | None:
+    """(commit, uncommitted changes to tracked files) of the git checkout at ``repo``; None
+    outside git or without git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit, bool(dirty)) if commit else None
+
+
+def git_commit(repo: str | os.PathLike) -> str:
+    """The study's commit: ``HEAD``, marked ``(with uncommitted changes)``; "unknown" outside git."""
+    state = _git_state(repo)
+    if state is None:
         return "unknown"
-    if not commit:
-        return "unknown"
+    commit, dirty = state
     return commit + (" (with uncommitted changes)" if dirty else "")
+
+
+def code_version() -> str | None:
+    """The git commit of the learn-forget checkout this code runs from, ``+dirty`` with
+    uncommitted changes (a checkpoint manifest's ``code_version``); None outside git."""
+    state = _git_state(Path(__file__).parent)
+    if state is None:
+        return None
+    commit, dirty = state
+    return commit + ("+dirty" if dirty else "")
 
 
 def hardware() -> dict[str, str]:

@@ -7,7 +7,9 @@
 
 Each builder takes a plain config dict (validated through a frozen dataclass), a seed and an
 output folder, writes its JSONL files through :mod:`learnforget.core.io` and returns stats.
-Record formats: ``docs/architecture.md`` ("Data").
+Record formats: ``docs/architecture.md`` ("Data"). :data:`DATASETS` names the token datasets
+built from them and :data:`IFT_TEMPLATES` how instruction records are rendered;
+:mod:`learnforget.data.check` validates the ``data`` section of a study config.
 """
 
 from __future__ import annotations
@@ -18,6 +20,24 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 T = TypeVar("T")
+
+#: Token datasets the pipeline can build: name -> (data file under results/data, regime).
+#: IFT datasets use the record's ``prompt`` and ``response``; CPT ones its ``text``.
+DATASETS: dict[str, tuple[str, str]] = {
+    "source": ("source/train.jsonl", "cpt"),
+    "math_generic": ("math/generic.jsonl", "cpt"),
+    "math_cpt": ("math/train.jsonl", "cpt"),
+    "math_ift": ("math/train.jsonl", "ift"),
+    "code_cpt": ("code/train.jsonl", "cpt"),
+    "code_ift": ("code/train.jsonl", "ift"),
+}
+
+#: The prompt/response rendering of each domain's IFT records. It must match the
+#: evaluation tasks' ``doc_to_text`` / ``doc_to_target`` (see learnforget/evaluate/tasks/).
+IFT_TEMPLATES: dict[str, tuple[str, str]] = {
+    "math": ("Question: {question}\nAnswer:", " {answer}"),
+    "code": ("{prompt}", "{response}"),
+}
 
 
 def from_dict(cls: type[T], d: Mapping[str, Any] | None) -> T:

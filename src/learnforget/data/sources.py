@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from learnforget.core import hub
+from learnforget.core.io import atomic_path, sha256_file, write_json
 
 #: Files of a model repository the pipeline uses (weights as safetensors only).
 MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -253,8 +254,6 @@ def fetch_model(pretrained: str, revision: str | None, out_dir: str | os.PathLik
                 reachable=hub.hub_reachable, log: Callable[[str], object] = print) -> dict:
     """Write ``out_dir`` (the study's ``base/model``): links to the model's files and a manifest
     (see the module rules). Returns the manifest."""
-    from learnforget.core.io import atomic_path, sha256_file, write_json
-
     found = model_folder(pretrained, revision, reachable=reachable)
     folder = found.path.resolve() if found.kind == "local" else found.path
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and _matches(p.name))
@@ -465,8 +464,6 @@ def build_dataset(spec: Mapping[str, Any], regime: str, out_file: str | os.PathL
                   tokenizer=None, reachable=hub.hub_reachable, log: Callable[[str], object] = print) -> dict:
     """Write the records of the ``data.hub.NAME`` dataset to ``out_file`` (JSONL, atomically);
     returns the counts. ``tokenizer`` counts tokens for ``token_budget``."""
-    from learnforget.core.io import atomic_path
-
     key = f"data.hub.{name}"
     rows = load_rows(spec, key=key, reachable=reachable)
     def count(texts: list[str]) -> list[int]:

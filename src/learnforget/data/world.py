@@ -305,13 +305,9 @@ def build_world(cfg: SourceConfig, seed: int) -> dict[str, Any]:
     return {"people": people, "attributes": list(cfg.attributes)}
 
 
-def build_world_corpus(cfg: SourceConfig, seed: int, out_dir: Path) -> dict[str, Any]:
-    world = build_world(cfg, seed)
-    people, attrs = world["people"], world["attributes"]
-    rng = random.Random(f"world-corpus:{seed}")
-
-    facts = [(i, p["name"], a, p[a]) for i, p in enumerate(people) for a in attrs]
-
+def fact_sentences(facts: list[tuple], cfg: SourceConfig, rng: random.Random) -> tuple[list[str], int]:
+    """Every fact in ``n_train_templates`` training phrasings, a ``qa_fraction`` of them also as a
+    question and answer; returns the sentences and the number of QA ones."""
     train: list[str] = []
     n_qa = 0
     for _, name, attr, value in facts:
@@ -321,38 +317,43 @@ def build_world_corpus(cfg: SourceConfig, seed: int, out_dir: Path) -> dict[str,
         if rng.random() < cfg.qa_fraction:
             train.append(render(spec["qa"], name, value))
             n_qa += 1
-    n_bio = 0
-    if cfg.biography:
-        for p in people:
-            order = list(attrs)
-            rng.shuffle(order)
-            sentences = [render(rng.choice(ATTRIBUTES[a]["train"]), p["name"], p[a]) for a in order]
-            train.append(" ".join(sentences))
-            n_bio += 1
-    n_facts_records = len(train)
-    n_english = n_chars = 0
-    if cfg.english_fraction > 0:
-        # english_fraction is the share of training characters (about: tokens) that is English.
-        paras = _english_paragraphs()
-        rng.shuffle(paras)
-        target = cfg.english_fraction / (1.0 - cfg.english_fraction) * sum(map(len, train))
-        n_chars = 0
-        for para in paras:
-            if n_chars >= target:
-                break
-            train.append(para)
-            n_chars += len(para)
-            n_english += 1
-    rng.shuffle(train)
+    return train, n_qa
 
-    heldout = [render(ATTRIBUTES[a]["heldout"], name, v) for _, name, a, v in facts]
 
-    if cfg.n_quiz:
-        picked = sorted(rng.sample(range(len(facts)), cfg.n_quiz))
+def biographies(people: list[dict], attrs: list[str], rng: random.Random) -> list[str]:
+    """One paragraph per person: a phrasing of each of their facts, in a random order."""
+    out = []
+    for p in people:
+        order = list(attrs)
+        rng.shuffle(order)
+        out.append(" ".join(render(rng.choice(ATTRIBUTES[a]["train"]), p["name"], p[a]) for a in order))
+    return out
+
+
+def english_share(train: list[str], fraction: float, rng: random.Random) -> list[str]:
+    """English paragraphs to add to ``train`` so that they are about ``fraction`` of its
+    characters (about: tokens)."""
+    paras = _english_paragraphs()
+    rng.shuffle(paras)
+    target = fraction / (1.0 - fraction) * sum(map(len, train))
+    out, n_chars = [], 0
+    for para in paras:
+        if n_chars >= target:
+            break
+        out.append(para)
+        n_chars += len(para)
+    return out
+
+
+def quiz_records(facts: list[tuple], n_quiz: int, rng: random.Random) -> list[dict]:
+    """Four-way multiple-choice questions on ``n_quiz`` facts (0: every fact), the answer's
+    position exactly balanced."""
+    if n_quiz:
+        picked = sorted(rng.sample(range(len(facts)), n_quiz))
         quiz_facts = [facts[k] for k in picked]
     else:
         quiz_facts = facts
-    labels = [k % 4 for k in range(len(quiz_facts))]  # exactly balanced answer positions
+    labels = [k % 4 for k in range(len(quiz_facts))]
     rng.shuffle(labels)
     quiz = []
     for k, ((i, name, attr, value), label) in enumerate(zip(quiz_facts, labels)):
@@ -368,6 +369,28 @@ def build_world_corpus(cfg: SourceConfig, seed: int, out_dir: Path) -> dict[str,
                 "label": label,
             }
         )
+    return quiz
+
+
+def build_world_corpus(cfg: SourceConfig, seed: int, out_dir: Path) -> dict[str, Any]:
+    """The source domain's files: ``train.jsonl`` (facts in several phrasings, biographies,
+    English text), ``quiz.jsonl`` (multiple choice) and ``heldout.jsonl`` (unseen phrasings);
+    returns their stats. One random stream, drawn in this order, makes it seed-deterministic."""
+    world = build_world(cfg, seed)
+    people, attrs = world["people"], world["attributes"]
+    rng = random.Random(f"world-corpus:{seed}")
+
+    facts = [(i, p["name"], a, p[a]) for i, p in enumerate(people) for a in attrs]
+    train, n_qa = fact_sentences(facts, cfg, rng)
+    bios = biographies(people, attrs, rng) if cfg.biography else []
+    train += bios
+    n_facts_records = len(train)
+    # english_fraction is the share of training characters (about: tokens) that is English.
+    english = english_share(train, cfg.english_fraction, rng) if cfg.english_fraction > 0 else []
+    train += english
+    rng.shuffle(train)
+    heldout = [render(ATTRIBUTES[a]["heldout"], name, v) for _, name, a, v in facts]
+    quiz = quiz_records(facts, cfg.n_quiz, rng)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     io.write_jsonl(out_dir / "train.jsonl", ({"text": t} for t in train))
@@ -380,12 +403,12 @@ def build_world_corpus(cfg: SourceConfig, seed: int, out_dir: Path) -> dict[str,
         "attributes": attrs,
         "n_facts": len(facts),
         "train_records": len(train),
-        "train_fact_sentences": n_facts_records - n_qa - n_bio,
+        "train_fact_sentences": n_facts_records - n_qa - len(bios),
         "train_qa": n_qa,
-        "train_biographies": n_bio,
-        "train_english": n_english,
+        "train_biographies": len(bios),
+        "train_english": len(english),
         "train_chars": sum(len(t) for t in train),
-        "train_english_chars": n_chars if cfg.english_fraction > 0 else 0,
+        "train_english_chars": sum(map(len, english)),
         "quiz_records": len(quiz),
         "heldout_records": len(heldout),
         "heldout_chars": sum(len(t) for t in heldout),

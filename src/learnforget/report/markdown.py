@@ -18,20 +18,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from learnforget.report.figures import (
-    _methods,
-    _panel_title,
-    higher_is_better,
-    infer_primary,
-    is_base,
-    is_full,
-    metric_table,
-    resolve_learning,
-    run_settings,
-    sensitivity_data,
-    spec_label,
-)
+from learnforget.compose.lorahub import summary_table
 from learnforget.core.io import write_text
+from learnforget.evaluate.plan import GroupSpec
+from learnforget.evaluate.registry import TASKS
+from learnforget.report.figures.lr_sensitivity import sensitivity_data
+from learnforget.report.tables import (base_value, fmt_duration, higher_is_better, infer_primary, is_base,
+                                       is_full_finetuning, metric_table, panel_title, resolve_learning,
+                                       run_method_types, run_methods, run_settings, spec_label)
 
 __all__ = [
     "compare_equal_duration",
@@ -68,10 +62,6 @@ def _fmt(v, digits: int = 3) -> str:
 
 def _signed(v) -> str:
     return ("+" if v >= 0 else "−") + _fmt(abs(v))
-
-
-def _fmt_dur(d) -> str:
-    return f"{float(d):g}"
 
 
 def markdown_table(df: pd.DataFrame, *, index: bool = False, digits: int = 3) -> str:
@@ -203,11 +193,6 @@ def _series(tab: pd.DataFrame, run: str) -> dict[float, float]:
     return {float(d): float(v) for d, v in zip(rows["duration"], rows["value"])}
 
 
-def _base(tab: pd.DataFrame):
-    rows = tab[[is_base(r, m) for r, m in zip(tab["run"], tab["method"])]]
-    return float(rows["value"].mean()) if len(rows) else None
-
-
 def _best(series: Mapping[float, float], higher: bool):
     items = [(d, v) for d, v in series.items() if d > 0]
     if not items:
@@ -216,84 +201,72 @@ def _best(series: Mapping[float, float], higher: bool):
 
 
 def _pairs_text(durs, a, b, limit: int = 8) -> str:
-    parts = [f"{_fmt_dur(d)}: {_fmt(x)} vs {_fmt(y)}" for d, x, y in zip(durs, a, b)]
+    parts = [f"{fmt_duration(d)}: {_fmt(x)} vs {_fmt(y)}" for d, x, y in zip(durs, a, b)]
     if len(parts) > limit:
         parts = parts[: limit - 1] + ["…", parts[-1]]
     return "; ".join(parts)
 
 
-def _setting_findings(metrics, key, runs, methods, lspec, fspec, tol) -> list[str]:
-    out: list[str] = []
-    l_hib = higher_is_better(metrics, lspec) if lspec else True
-    f_hib = higher_is_better(metrics, fspec) if fspec else True
-    ltab = metric_table(metrics, lspec) if lspec else None
-    ftab = metric_table(metrics, fspec) if fspec else None
+def _learning_findings(key, runs, methods, ltab, lspec, l_hib) -> list[str]:
+    """Each run's best learning score and its score at the longest duration, against the base."""
+    if ltab is None:
+        return [f"- **Learning**: no primary learning metric configured for {panel_title(key)}."] + [
+            f"  - {run} ({methods[run]})." for run in runs]
+    b = base_value(ltab)
+    word = "higher" if l_hib else "lower"
+    out = [f"- **Learning** ({spec_label(lspec)}, {word} is better): base model {_fmt(b)}."]
+    for run in runs:
+        s = _series(ltab, run)
+        if not any(d > 0 for d in s):
+            out.append(f"  - {run} ({methods[run]}): no learning score.")
+            continue
+        bd, bv = _best(s, l_hib)
+        last = max(d for d in s if d > 0)
+        gain = "" if b is None else f" ({_signed(s[last] - b)} vs base)"
+        out.append(f"  - {run} ({methods[run]}): best {_fmt(bv)} at duration {fmt_duration(bd)}; "
+                   f"at the longest duration ({fmt_duration(last)}) {_fmt(s[last])}{gain}.")
+    return out
 
-    # learning
-    if ltab is not None:
-        b = _base(ltab)
-        word = "higher" if l_hib else "lower"
-        head = f"- **Learning** ({spec_label(lspec)}, {word} is better): base model {_fmt(b)}."
-        items = []
-        for run in runs:
-            s = _series(ltab, run)
-            if not any(d > 0 for d in s):
-                items.append(f"  - {run} ({methods[run]}): no learning score.")
-                continue
-            bd, bv = _best(s, l_hib)
-            last = max(d for d in s if d > 0)
-            gain = "" if b is None else f" ({_signed(s[last] - b)} vs base)"
-            items.append(f"  - {run} ({methods[run]}): best {_fmt(bv)} at duration {_fmt_dur(bd)}; "
-                         f"at the longest duration ({_fmt_dur(last)}) {_fmt(s[last])}{gain}.")
-        out.append(head)
-        out.extend(items)
-    else:
-        out.append(f"- **Learning**: no primary learning metric configured for {_panel_title(key)}.")
-        for run in runs:
-            out.append(f"  - {run} ({methods[run]}).")
 
-    if ftab is None:
-        return out
-    fb = _base(ftab)
-    fulls = [r for r in runs if is_full(methods[r])]
-    others = [r for r in runs if not is_full(methods[r])]
+def _full_forgetting(run, method, s, fb, f_hib) -> str:
+    """How far a full-finetuning run's forgetting score moved from the base's (its largest drop too)."""
+    last = max(s)
+    if fb is None:
+        return f"  - {run}: {_fmt(s[last])} at the longest duration ({fmt_duration(last)}); no base score."
+    sign = 1.0 if f_hib else -1.0
+    drops = {d: sign * (fb - v) for d, v in s.items()}
+    worst = max(drops, key=lambda d: (drops[d], -d))
+    verb = "dropped" if drops[last] > 0 else ("rose" if drops[last] < 0 else "stayed")
+    text = (f"  - {run} ({method}): {verb} from {_fmt(fb)} to {_fmt(s[last])} at the longest "
+            f"duration ({fmt_duration(last)}), a change of {_signed(s[last] - fb)}")
+    if drops[worst] > 0 and worst != last:
+        text += f"; its largest drop was {_fmt(drops[worst])} at duration {fmt_duration(worst)}"
+    return text + "."
 
-    # forgetting of full finetuning
+
+def _forgetting_findings(ftab, fulls, others, methods, fspec, f_hib) -> list[str]:
+    """Each run's forgetting score at its longest duration against the base's (full finetuning first)."""
+    fb = base_value(ftab)
     lines = []
     for run in fulls:
         s = {d: v for d, v in _series(ftab, run).items() if d > 0}
-        if not s:
-            continue
-        last = max(s)
-        if fb is None:
-            lines.append(f"  - {run}: {_fmt(s[last])} at the longest duration ({_fmt_dur(last)}); no base score.")
-            continue
-        sign = 1.0 if f_hib else -1.0
-        drops = {d: sign * (fb - v) for d, v in s.items()}
-        worst = max(drops, key=lambda d: (drops[d], -d))
-        verb = "dropped" if drops[last] > 0 else ("rose" if drops[last] < 0 else "stayed")
-        text = (f"  - {run} ({methods[run]}): {verb} from {_fmt(fb)} to {_fmt(s[last])} at the longest "
-                f"duration ({_fmt_dur(last)}), a change of {_signed(s[last] - fb)}")
-        if drops[worst] > 0 and worst != last:
-            text += f"; its largest drop was {_fmt(drops[worst])} at duration {_fmt_dur(worst)}"
-        lines.append(text + ".")
+        if s:
+            lines.append(_full_forgetting(run, methods[run], s, fb, f_hib))
     for run in others:
         s = {d: v for d, v in _series(ftab, run).items() if d > 0}
         if s and fb is not None:
             last = max(s)
             lines.append(f"  - {run} ({methods[run]}): {_fmt(s[last])} at the longest duration "
-                         f"({_fmt_dur(last)}), a change of {_signed(s[last] - fb)} vs base.")
-    if lines:
-        out.append(f"- **Forgetting** ({spec_label(fspec)}, {'higher' if f_hib else 'lower'} = remembers more): "
-                   f"base model {_fmt(fb)}.")
-        out.extend(lines)
+                         f"({fmt_duration(last)}), a change of {_signed(s[last] - fb)} vs base.")
+    if not lines:
+        return []
+    return [f"- **Forgetting** ({spec_label(fspec)}, {'higher' if f_hib else 'lower'} = remembers more): "
+            f"base model {_fmt(fb)}."] + lines
 
-    if not fulls or not others:
-        if others and not fulls:
-            out.append("- No full-finetuning run in this setting: no LoRA vs full comparison.")
-        return out
 
-    # equal duration
+def _equal_duration_findings(ftab, fulls, others, f_hib, tol) -> list[str]:
+    """Every other run against every full-finetuning run: forgetting at the durations both have."""
+    out = []
     for a in others:
         for b in fulls:
             c = compare_equal_duration(_series(ftab, a), _series(ftab, b), higher_better=f_hib, tol=tol)
@@ -312,41 +285,66 @@ def _setting_findings(metrics, key, runs, methods, lspec, fspec, tol) -> list[st
                          f"{k} of {n} shared durations, about equal at the rest")
                 out.append(f"- **Equal duration**: **{a} {_VERDICT[c['verdict']]} {b} at equal duration** "
                            f"({scope}; forgetting score {a} vs {b}: {detail}).")
+    return out
 
-    # equal learning
+
+def _equal_learning_finding(a, b, c, lspec) -> str:
+    """The sentence of one :func:`compare_equal_learning` result of run ``a`` against run ``b``."""
+    if c["verdict"] == "no-overlap":
+        (ra, rb) = c["ranges"] if c["ranges"] else (None, None)
+        rng = ""
+        if ra and rb:
+            rng = (f" ({a} spans {_fmt(ra[0])}–{_fmt(ra[1])}, {b} spans {_fmt(rb[0])}–{_fmt(rb[1])}"
+                   f" in {spec_label(lspec)})")
+        return (f"- **Equal learning**: {a} vs {b}: learning ranges do not overlap beyond the base "
+                f"model, so forgetting cannot be compared at matched learning{rng}.")
+    lo, hi = c["overlap"]
+    detail = "; ".join(f"at {_fmt(L)}: {_fmt(x)} vs {_fmt(y)}" for L, x, y in zip(c["levels"], c["a"], c["b"]))
+    where = (f"interpolated at matched {spec_label(lspec)} levels within the shared range "
+             f"{_fmt(lo)}–{_fmt(hi)}; forgetting score {a} vs {b}: {detail}")
+    if c["verdict"] == "mixed":
+        return (f"- **Equal learning**: {a} vs {b}: mixed: of {len(c['levels'])} matched levels, {a} "
+                f"forgot less at {c['n_less']} and more at {c['n_more']} ({where}).")
+    n, k = len(c["levels"]), max(c["n_less"], c["n_more"])
+    scope = "" if (k == n or c["verdict"] == "same") else f"{k} of {n} levels, about equal at the rest; "
+    return f"- **Equal learning**: **{a} {_VERDICT[c['verdict']]} {b} at equal learning** ({scope}{where})."
+
+
+def _equal_learning_findings(ltab, ftab, fulls, others, lspec, f_hib, tol) -> list[str]:
+    """Every other run against every full-finetuning run: forgetting at matched learning levels
+    along their (learning, forgetting) paths from the base model."""
+    lb_, fb = base_value(ltab), base_value(ftab)
+    base_pt = [(lb_, fb)] if (lb_ is not None and fb is not None) else []
+
+    def path(run):
+        ls, fs = _series(ltab, run), _series(ftab, run)
+        return base_pt + [(ls[d], fs[d]) for d in sorted(set(ls) & set(fs)) if d > 0]
+
+    return [_equal_learning_finding(a, b, compare_equal_learning(path(a), path(b), base_level=lb_,
+                                                                  higher_better=f_hib, tol=tol), lspec)
+            for a in others for b in fulls]
+
+
+def _setting_findings(metrics, key, runs, methods, types, lspec, fspec, tol) -> list[str]:
+    """The findings of one (domain, regime): learning, forgetting, and every other method
+    against full finetuning (``types``: run -> method type) at equal duration and equal learning."""
+    l_hib = higher_is_better(metrics, lspec) if lspec else True
+    f_hib = higher_is_better(metrics, fspec) if fspec else True
+    ltab = metric_table(metrics, lspec) if lspec else None
+    ftab = metric_table(metrics, fspec) if fspec else None
+    out = _learning_findings(key, runs, methods, ltab, lspec, l_hib)
+    if ftab is None:
+        return out
+    fulls = [r for r in runs if is_full_finetuning(types[r])]
+    others = [r for r in runs if not is_full_finetuning(types[r])]
+    out += _forgetting_findings(ftab, fulls, others, methods, fspec, f_hib)
+    if not fulls or not others:
+        if others and not fulls:
+            out.append("- No full-finetuning run in this setting: no LoRA vs full comparison.")
+        return out
+    out += _equal_duration_findings(ftab, fulls, others, f_hib, tol)
     if ltab is not None:
-        lb_ = _base(ltab)
-        base_pt = [(lb_, fb)] if (lb_ is not None and fb is not None) else []
-
-        def path(run):
-            ls, fs = _series(ltab, run), _series(ftab, run)
-            return base_pt + [(ls[d], fs[d]) for d in sorted(set(ls) & set(fs)) if d > 0]
-
-        for a in others:
-            for b in fulls:
-                pa, pb = path(a), path(b)
-                c = compare_equal_learning(pa, pb, base_level=lb_, higher_better=f_hib, tol=tol)
-                if c["verdict"] == "no-overlap":
-                    (ra, rb) = c["ranges"] if c["ranges"] else (None, None)
-                    rng = ""
-                    if ra and rb:
-                        rng = (f" ({a} spans {_fmt(ra[0])}–{_fmt(ra[1])}, {b} spans {_fmt(rb[0])}–{_fmt(rb[1])}"
-                               f" in {spec_label(lspec)})")
-                    out.append(f"- **Equal learning**: {a} vs {b}: learning ranges do not overlap beyond the base "
-                               f"model, so forgetting cannot be compared at matched learning{rng}.")
-                    continue
-                lo, hi = c["overlap"]
-                detail = "; ".join(f"at {_fmt(L)}: {_fmt(x)} vs {_fmt(y)}" for L, x, y in zip(c["levels"], c["a"], c["b"]))
-                where = (f"interpolated at matched {spec_label(lspec)} levels within the shared range "
-                         f"{_fmt(lo)}–{_fmt(hi)}; forgetting score {a} vs {b}: {detail}")
-                if c["verdict"] == "mixed":
-                    out.append(f"- **Equal learning**: {a} vs {b}: mixed: of {len(c['levels'])} matched levels, {a} "
-                               f"forgot less at {c['n_less']} and more at {c['n_more']} ({where}).")
-                else:
-                    n, k = len(c["levels"]), max(c["n_less"], c["n_more"])
-                    scope = "" if (k == n or c["verdict"] == "same") else f"{k} of {n} levels, about equal at the rest; "
-                    out.append(f"- **Equal learning**: **{a} {_VERDICT[c['verdict']]} {b} at equal learning** "
-                               f"({scope}{where}).")
+        out += _equal_learning_findings(ltab, ftab, fulls, others, lspec, f_hib, tol)
     return out
 
 
@@ -406,14 +404,14 @@ def _rank_findings(spectral: pd.DataFrame, runs: Sequence[str]) -> list[str]:
         mx = int(ldf["rank90"].max())
         text = (f"  - {run} (full finetuning): ΔW needs up to {mx} ranks for the variance fraction "
                 f"(mean {_fmt(float(ldf['rank90'].mean()), 1)}, matrices up to rank {int(ldf['max_rank'].max())}) "
-                f"at the longest duration ({_fmt_dur(last)})")
+                f"at the longest duration ({fmt_duration(last)})")
         if ref_rank:
             text += f", {_fmt(mx / ref_rank, 1)}× the LoRA rank {ref_rank}"
         by_d = rdf.groupby("duration")["rank90"].mean()
         if len(by_d) > 1:
             trend = "grew" if by_d.iloc[-1] > by_d.iloc[0] else ("fell" if by_d.iloc[-1] < by_d.iloc[0] else "stayed")
             text += (f"; the mean rank {trend} from {_fmt(float(by_d.iloc[0]), 1)} at duration "
-                     f"{_fmt_dur(by_d.index[0])} to {_fmt(float(by_d.iloc[-1]), 1)} at {_fmt_dur(by_d.index[-1])}")
+                     f"{fmt_duration(by_d.index[0])} to {_fmt(float(by_d.iloc[-1]), 1)} at {fmt_duration(by_d.index[-1])}")
         out.append(text + ".")
     for run in adapters:
         rdf = df[df["run"] == run]
@@ -456,7 +454,7 @@ def findings(metrics: pd.DataFrame, spectral: pd.DataFrame | None = None, *, lea
         return ["No metrics were available."]
     learning, forgetting = _complete_specs(metrics, learning, forgetting)
     settings = run_settings(metrics)
-    methods = _methods(metrics)
+    methods, types = run_methods(metrics), run_method_types(metrics)
     sens = sensitivity_data(metrics, learning=learning, forgetting=forgetting)
     out: list[str] = []
     seeds = _seed_counts(metrics)
@@ -466,9 +464,10 @@ def findings(metrics: pd.DataFrame, spectral: pd.DataFrame | None = None, *, lea
                 "means; tables give the mean ± the 95% confidence interval (t distribution).*", ""]
     for key in sorted(set(settings.values())):
         runs = sorted(r for r, k in settings.items() if k == key)
-        out.append(f"### {_panel_title(key)}")
+        out.append(f"### {panel_title(key)}")
         out.append("")
-        out.extend(_setting_findings(metrics, key, runs, methods, resolve_learning(learning, *key), forgetting, tol))
+        out.extend(_setting_findings(metrics, key, runs, methods, types, resolve_learning(learning, *key),
+                                     forgetting, tol))
         out.extend(_sensitivity_findings(metrics, sens.get(key), resolve_learning(learning, *key), forgetting))
         ranks = _rank_findings(spectral, runs)
         if ranks:
@@ -494,7 +493,8 @@ def _value_tables(metrics, learning, forgetting) -> list[str]:
             if not spec:
                 continue
             tab = metric_table(metrics, spec, errors=True)
-            tab = tab[tab["run"].isin(runs) | np.array([is_base(r, m) for r, m in zip(tab["run"], tab["method"])], dtype=bool)]
+            tab = tab[tab["run"].isin(runs) | np.array([is_base(r, t) for r, t in zip(tab["run"], tab["method_type"])],
+                                                       dtype=bool)]
             if tab.empty:
                 continue
             if (tab["n"] > 1).any():  # mean ± 95% interval over seeds
@@ -503,9 +503,9 @@ def _value_tables(metrics, learning, forgetting) -> list[str]:
             wide = tab.pivot_table(index="run", columns="duration", values="value", aggfunc="first")
             order = [r for r in wide.index if is_base(r)] + [r for r in runs if r in wide.index]
             wide = wide.loc[order]
-            wide.columns = [f"d={_fmt_dur(c)}" for c in wide.columns]
+            wide.columns = [f"d={fmt_duration(c)}" for c in wide.columns]
             wide.index.name = "run"
-            out.append(f"**{_panel_title(key)}: {kind.lower()}, {spec_label(spec)}** "
+            out.append(f"**{panel_title(key)}: {kind.lower()}, {spec_label(spec)}** "
                        f"({'higher' if higher_is_better(metrics, spec) else 'lower'} is better)")
             out.append("")
             out.append(markdown_table(wide, index=True))
@@ -527,7 +527,7 @@ def _runs_table(config) -> list[str]:
         rows.append({"run": r["name"], "series": r.get("series") or r["name"], "method": r.get("method", ""),
                      "domain": r.get("domain", ""), "regime": r.get("regime", ""), "seed": r.get("seed", ""),
                      "lr": "" if lr is None else f"{lr:g}",
-                     "durations": ", ".join(_fmt_dur(d) for d in durs) + f" {r.get('unit', durations.get('unit', ''))}"})
+                     "durations": ", ".join(fmt_duration(d) for d in durs) + f" {r.get('unit', durations.get('unit', ''))}"})
     return ["## Runs", "", markdown_table(pd.DataFrame(rows), index=False), ""]
 
 
@@ -540,7 +540,7 @@ def _diversity_table(metrics) -> list[str]:
     for task, rows in div.groupby("task", sort=True):
         wide = rows.pivot_table(index=["run", "duration"], columns="metric", values="value", aggfunc="mean")
         wide = wide.reset_index()
-        wide["duration"] = [_fmt_dur(d) for d in wide["duration"]]
+        wide["duration"] = [fmt_duration(d) for d in wide["duration"]]
         out += [f"**Generation diversity, {task}** (means over problems of the samples of one problem: distinct "
                 "normalised solutions, their share, and mean pairwise similarity; more distinct and less "
                 "similar = more diverse)", "", markdown_table(wide.set_index(["run", "duration"]), index=True), ""]
@@ -555,8 +555,6 @@ def compose_section(record: Mapping | None, metrics: pd.DataFrame | None, learni
     adapter alone and the base model (verdict: ``"the search lowered the few-shot loss below the
     uniform combination's"`` or ``"... did not lower ..."``), and a table of every composite's
     weights, few-shot loss, learning metrics and forgetting score."""
-    from learnforget.compose.lorahub import summary_table
-
     if not record or not record.get("composites"):
         return []
     comps = record["composites"]
@@ -564,7 +562,7 @@ def compose_section(record: Mapping | None, metrics: pd.DataFrame | None, learni
     uniform = next((n for n, c in comps.items() if c["kind"] == "uniform"), None)
     singles = {n: c for n, c in comps.items() if c["kind"] == "single"}
     t, s = record["target"], record.get("search") or {}
-    adapters = ", ".join(f"{r} ({_fmt_dur(record['durations'][r])} {record.get('unit', '')})".replace(" )", ")")
+    adapters = ", ".join(f"{r} ({fmt_duration(record['durations'][r])} {record.get('unit', '')})".replace(" )", ")")
                          for r in record.get("runs") or record["adapters"])
     out = ["## Composing adapters (LoRAHub)", "",
            f"The adapters of {adapters} were combined with peft's add_weighted_adapter (combination "
@@ -597,8 +595,6 @@ def compose_section(record: Mapping | None, metrics: pd.DataFrame | None, learni
 def evaluation_protocol(groups: Mapping[str, Mapping], n_shot: Mapping[str, Any] | None = None) -> list[str]:
     """Markdown lines stating how every task group was scored: role, tasks, metric and filter
     per task, shots (as lm-eval ran them, from ``n_shot``), limits and sampling settings."""
-    from learnforget.evaluate.harness import GroupSpec, TASKS
-
     rows = []
     for name in sorted(groups):
         g = GroupSpec.from_dict(groups[name])
@@ -637,7 +633,7 @@ def _spectral_table(spectral) -> list[str]:
     g = df.groupby(["run", "duration"], as_index=False).agg(**agg)
     if "lora_rank" in df:
         lr = df.groupby("run")["lora_rank"].max()
-        g["duration"] = g["duration"].map(_fmt_dur)
+        g["duration"] = g["duration"].map(fmt_duration)
         g.insert(2, "LoRA rank", g["run"].map(lr).round().astype("Int64"))
     return ["**Rank of ΔW by run and duration**", "", markdown_table(g, digits=1), ""]
 
@@ -678,7 +674,7 @@ def _provenance(provenance: Mapping) -> list[str]:
     return out
 
 
-def _disk_table(disk: pd.DataFrame | None) -> list[str]:
+def disk_table(disk: pd.DataFrame | None) -> list[str]:
     """Disk used per run (learnforget.train.keep.disk_usage, bytes) as a table in MiB."""
     if disk is None or not len(disk):
         return []
@@ -758,7 +754,7 @@ def write_report(metrics: pd.DataFrame, spectral: pd.DataFrame | None, figures: 
 
     lines += ["## Provenance", ""]
     lines += _provenance(provenance or {})
-    lines += _disk_table(disk)
+    lines += disk_table(disk)
     if config:
         lines += ["**config**", "", "```yaml", _dump(dict(config)), "```", ""]
     text = "\n".join(lines).rstrip() + "\n"

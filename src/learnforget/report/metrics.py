@@ -18,6 +18,10 @@ Rows and their ``role``:
 - ``learning`` / ``forgetting`` / ``other``: a task group's score (``task`` = the group's name),
   the mean of its tasks' group metric, added by :func:`collect` from ``evaluation.groups``.
 
+``method`` is the method's name in the config, ``method_type`` what it is: the method
+registry's type (``full``, ``lora``, ...), ``base`` for the base model, ``compose`` for a
+composite of adapters. Figures and findings ask the type, never the name.
+
 ``domain``: a learning group's row has the group's domain; every other row of a finetuned run
 has the run's domain; the base model's rows have ``""``, except forgetting rows (``source``).
 
@@ -31,11 +35,13 @@ import os
 from typing import Iterable, Mapping
 
 from learnforget.core import io
-from learnforget.evaluate.harness import TASKS, GroupSpec, get_task, parse_groups
+from learnforget.evaluate.plan import GroupSpec, parse_groups
+from learnforget.evaluate.registry import TASKS, get_task, metric_name
 
 COLUMNS = [
     "run",
     "method",
+    "method_type",
     "domain",
     "regime",
     "duration",
@@ -52,12 +58,6 @@ COLUMNS = [
 #: Roles of rows (see the module docstring).
 ROW_ROLES = ("task", "diversity", "learning", "forgetting", "other")
 _SKIP_FIELDS = {"alias", "name", "sample_len", "samples"}
-
-
-def metric_name(key: str) -> str:
-    """``"acc,none"`` -> ``"acc"``; ``"exact_match,strict-match"`` -> ``"exact_match_strict-match"``."""
-    metric, _, filt = key.partition(",")
-    return metric if filt in ("", "none") else f"{metric}_{filt}"
 
 
 def primary_metric(task: str) -> str:
@@ -92,7 +92,8 @@ def tidy_rows(eval_json: dict) -> list[dict]:
     hib_all = eval_json.get("higher_is_better") or {}
 
     def row(task, metric, value, role, hib, version=None):
-        return {"run": meta["run"], "method": meta["method"], "domain": domain, "regime": meta.get("regime") or "",
+        return {"run": meta["run"], "method": meta["method"], "method_type": meta.get("method_type"), "domain": domain,
+                "regime": meta.get("regime") or "",
                 "duration": duration, "task": task, "metric": metric, "value": value, "role": role,
                 "higher_is_better": hib, "task_version": version, "series": meta.get("series") or meta["run"],
                 "seed": meta.get("seed"), "lr": meta.get("lr")}
@@ -152,7 +153,8 @@ def group_rows(df, groups: Mapping[str, Mapping | GroupSpec]) -> list[dict]:
                 domain = "source" if base else first["domain"]
             else:
                 domain = first["domain"]
-            rows.append({"run": run, "method": first["method"], "domain": domain, "regime": first["regime"],
+            rows.append({"run": run, "method": first["method"], "method_type": first["method_type"], "domain": domain,
+                         "regime": first["regime"],
                          "duration": duration, "task": name, "metric": names.pop() if len(names) == 1 else "score",
                          "value": sum(f[0] for f in found) / len(found), "role": g.role,
                          "higher_is_better": hibs.pop() if len(hibs) == 1 else None, "task_version": None,

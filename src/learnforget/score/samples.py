@@ -13,8 +13,8 @@ module scores them outside lm-eval and outside the pipeline's own process where 
 - both: diversity (paper section 4.4) of each problem's samples: distinct normalised
   solutions and mean pairwise similarity (:mod:`learnforget.score.diversity`), averaged over problems.
 
-A completion is cut at the task's stop sequences (lm-eval already stops there; cutting again
-is a no-op then).
+A completion is cut at the stop sequences of its task's YAML (lm-eval already stops there;
+cutting again is a no-op then).
 """
 
 from __future__ import annotations
@@ -27,19 +27,16 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from learnforget.score import diversity
-from learnforget.score import humaneval
 from learnforget.core import io
-from learnforget.evaluate.harness import DIVERSITY_METRICS, TASKS, data_path
+from learnforget.evaluate.registry import DIVERSITY_METRICS, TASKS, data_path, stop_sequences
+from learnforget.score import diversity, humaneval
 
 log = logging.getLogger(__name__)
 
-#: Stop sequences of the code-generation task (mirrors tasks/lf_code_gen.yaml).
-CODE_GEN_STOPS = ("\ndef ", "\nclass ", "\n@", "\nif __name__")
 
 
 def sampled_items(plan: Iterable[Mapping]) -> list[Mapping]:
-    """The plan items (see :func:`learnforget.evaluate.harness.plan`) of sampled tasks."""
+    """The plan items (see :func:`learnforget.evaluate.plan.plan`) of sampled tasks."""
     return [i for i in plan if i.get("sampling")]
 
 
@@ -78,10 +75,12 @@ def _score_humaneval(docs: Mapping[int, list[str]], settings: Mapping, workers: 
     problems = humaneval.load_problems()
     ids = list(problems)
     samples = []
+    stops = stop_sequences("lf_humaneval")
     for doc_id in sorted(docs):
         if not 0 <= doc_id < len(ids):
             raise ValueError(f"lf_humaneval: doc_id {doc_id} outside the {len(ids)} problems")
-        samples += [{"task_id": ids[doc_id], "completion": humaneval.truncate_completion(r)} for r in docs[doc_id]]
+        samples += [{"task_id": ids[doc_id], "completion": humaneval.truncate_completion(r, stops)}
+                    for r in docs[doc_id]]
     records = humaneval.score_samples(samples, problems, timeout_s=float(settings["timeout_s"]),
                                       workers=workers, progress=progress)
     summary = humaneval.summarise(records, settings["k"])
@@ -94,12 +93,13 @@ def _score_humaneval(docs: Mapping[int, list[str]], settings: Mapping, workers: 
 def _score_syntax(docs: Mapping[int, list[str]], data_root: Path) -> tuple[dict, list[dict]]:
     rows = io.read_jsonl(data_path(TASKS["lf_code_gen"].data["test"], data_root))
     samples, records = [], []
+    stops = stop_sequences("lf_code_gen")
     for doc_id in sorted(docs):
         if not 0 <= doc_id < len(rows):
             raise ValueError(f"lf_code_gen: doc_id {doc_id} outside the {len(rows)} test functions")
         row = rows[doc_id]
         for r in docs[doc_id]:
-            completion = humaneval.truncate_completion(r, CODE_GEN_STOPS)
+            completion = humaneval.truncate_completion(r, stops)
             ok = parses(row["prompt"], completion)
             samples.append({"task_id": row["id"], "completion": completion})
             records.append({"task_id": row["id"], "completion": completion, "status": "parses" if ok else "invalid",
@@ -124,7 +124,7 @@ def score_generations(
 
     Writes ``out_json`` (atomically): ``learnforget`` (``meta``), ``results`` (task ->
     ``{"pass@k,none" | "parses,none": value}``), ``diversity`` (task -> the means of
-    :data:`learnforget.evaluate.harness.DIVERSITY_METRICS`), ``higher_is_better``, ``details``
+    :data:`learnforget.evaluate.registry.DIVERSITY_METRICS`), ``higher_is_better``, ``details``
     (counts, outcome counts, notes) and ``timing_s``; and ``executions_path``: one JSONL record
     per sample (task, task_id, sample index, completion, status, passed, ...).
     """

@@ -10,12 +10,12 @@ Never ``exec`` model output in our own process: :func:`run_program` starts one f
   ``/dev/null``, and no file descriptors but stdout, stderr and one result channel.
 * Its own session and process group (``start_new_session``): after the program ends, or at
   the wall-clock timeout, the whole group is killed with ``SIGKILL``.
-* Resource limits set by the child's bootstrap before any program code runs, soft = hard so
-  that the program cannot raise them: ``RLIMIT_CPU`` (``SIGXCPU``, then ``SIGKILL``),
+* Resource limits set by the child (:mod:`learnforget.score.sandbox_child`) before any program
+  code runs, soft = hard so that the program cannot raise them: ``RLIMIT_CPU`` (``SIGXCPU``, then ``SIGKILL``),
   ``RLIMIT_AS`` (allocations fail with ``MemoryError``), ``RLIMIT_FSIZE`` (also caps what
   stdout/stderr can write), ``RLIMIT_CORE = 0`` and ``RLIMIT_NPROC`` = the tasks that the
   charged user already has + ``max_processes``.
-* Linux namespaces and identity, chosen by the bootstrap (reported as ``Outcome.network`` and
+* Linux namespaces and identity, chosen by the child (reported as ``Outcome.network`` and
   ``Outcome.user``):
 
   - run as root, with an interpreter whose standard library "others" can read: a new network
@@ -35,7 +35,7 @@ Never ``exec`` model output in our own process: :func:`run_program` starts one f
     guard's socket blocking is then the only network barrier.
 
 **Reliability guard (a prelude in the child; defence in depth, not a security boundary).**
-Before the program runs, the bootstrap installs a PEP 578 audit hook (it cannot be removed)
+Before the program runs, the child installs a PEP 578 audit hook (it cannot be removed)
 that refuses: opening files for writing, and removing/renaming/chmod-ing/linking paths,
 outside the working directory (``/dev/null``, ``/dev/stdout``, ``/dev/stderr`` excepted);
 reading other processes' ``/proc`` entries; ``os.system``, ``os.exec*``,
@@ -47,10 +47,10 @@ hooks do not see (``_posixsubprocess.fork_exec``, ``signal.pidfd_send_signal``,
 that finds a way around an audit hook (they are documented as bypassable) still meets the OS
 layer above.
 
-**Scoring.** ``passed`` means the program ran to its end without an exception: the bootstrap
+**Scoring.** ``passed`` means the program ran to its end without an exception: the child
 then writes a per-run random token (sent on stdin, which is then closed) to the result
 channel. ``sys.exit()``/``exit(0)``/``os._exit(0)`` part-way therefore counts as ``failed``.
-A program written to cheat (find the token in the bootstrap's memory) could still forge a pass;
+A program written to cheat (find the token in the child's memory) could still forge a pass;
 the sandbox protects the machine, and the score only against accidents.
 
 Not covered: there is no PID or mount namespace, so a process that left our process group
@@ -81,339 +81,19 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
+
+from learnforget.score import sandbox_child
 
 #: The values of :attr:`Outcome.status`.
 STATUSES = ("passed", "failed", "timeout", "error")
 
-#: Exit code of the bootstrap when it could not confine itself (status ``"error"``).
-SETUP_ERROR_EXIT = 120
-
 _UNPRIVILEGED_USER = "nobody"
 
-# The bootstrap that the child interpreter runs: written next to the program (in the private
-# folder, not the working directory) and run by the short ``python -I -c`` loader below, which
-# keeps the command line that ``ps`` shows short. It reads its settings from argv as key=value
-# pairs, the run's token from stdin, confines itself, installs the guard, runs
-# the program and reports on the result descriptor. It only uses what an interpreter started
-# with -I has at hand, and keeps imports few: it runs once per program.
-_BOOTSTRAP = r'''
-import os, sys
-
-
-def _lf_count_tasks(uid):
-    """Tasks (threads) whose real uid is ``uid``: what RLIMIT_NPROC counts."""
-    n = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/status" % name, "rb") as fh:
-                text = fh.read().decode("ascii", "replace")
-        except OSError:
-            continue
-        real = threads = None
-        for line in text.splitlines():
-            if line.startswith("Uid:"):
-                real = int(line.split()[1])
-            elif line.startswith("Threads:"):
-                threads = int(line.split()[1])
-        if real == uid:
-            n += threads or 1
-    return n
-
-
-def _lf_confine(cfg):
-    import resource
-    libc = None
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-    except Exception:
-        pass
-    linux = sys.platform.startswith("linux")
-    CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
-
-    def unshare(flags):
-        if not linux:
-            return False
-        if hasattr(os, "unshare"):
-            try:
-                os.unshare(flags)
-                return True
-            except OSError:
-                return False
-        try:
-            return libc is not None and libc.unshare(flags) == 0
-        except Exception:
-            return False
-
-    def limit(name, soft, hard=None):
-        res = getattr(resource, name, None)
-        if res is not None:
-            resource.setrlimit(res, (soft, soft if hard is None else hard))
-
-    cpu = int(cfg["cpu_s"])
-    limit("RLIMIT_CPU", cpu, cpu + 1)
-    limit("RLIMIT_AS", int(cfg["memory_bytes"]))
-    limit("RLIMIT_FSIZE", int(cfg["file_size_bytes"]))
-    limit("RLIMIT_CORE", 0)
-    margin = int(cfg["max_processes"])
-    drop = cfg["drop"] == "1"
-    nobody = int(cfg["nobody_uid"]) if cfg.get("nobody_uid") else None
-    euid = os.geteuid()
-
-    def nproc_limit(uid, extra):
-        if linux:
-            n = _lf_count_tasks(uid) + margin + extra
-            limit("RLIMIT_NPROC", n)
-
-    network, user = "prelude", "uid %d" % euid
-    if drop:
-        uid, gid = nobody, int(cfg["nobody_gid"])
-        nproc_limit(uid, 1)
-        if unshare(CLONE_NEWNET):
-            network = "netns"
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-        if os.getuid() != uid or os.geteuid() != uid:
-            raise RuntimeError("could not drop privileges")
-        if network == "prelude" and unshare(CLONE_NEWUSER | CLONE_NEWNET):
-            network = "userns+netns"
-        user = cfg.get("nobody_name", "nobody")
-    elif euid == 0:
-        nproc_limit(0, 0)
-        if nobody is not None:
-            os.setresuid(nobody, 0, 0)
-        if unshare(CLONE_NEWUSER | CLONE_NEWNET):
-            network, user = "userns+netns", "root without capabilities (user namespace)"
-        else:
-            if nobody is not None:
-                os.setresuid(0, 0, 0)
-            user = "root"
-            if unshare(CLONE_NEWNET):
-                network = "netns"
-    else:
-        nproc_limit(euid, 0)
-        if unshare(CLONE_NEWUSER | CLONE_NEWNET):
-            network = "userns+netns"
-    if libc is not None and linux:
-        try:
-            libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-        except Exception:
-            pass
-    return network, user
-
-
-def _lf_guard(sandbox):
-    """Install the reliability guard: an audit hook plus wrappers for what it cannot see."""
-    import posix
-    realpath, join, readlink, getcwd = os.path.realpath, os.path.join, os.readlink, os.getcwd
-    fspath, fsdecode = os.fspath, os.fsdecode
-    WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    prefix = sandbox.rstrip("/") + "/"
-    STREAMS = ("/dev/null", "/dev/stdout", "/dev/stderr", b"/dev/null", b"/dev/stdout", b"/dev/stderr")
-    mypid, mypgid = os.getpid(), os.getpgrp()
-
-    def refuse(what):
-        raise PermissionError(13, "sandbox: %s is not allowed" % what)
-
-    def where(path, dir_fd=None):
-        p = fsdecode(fspath(path))
-        if not p.startswith("/"):
-            if dir_fd is None or dir_fd < 0:
-                base = getcwd()
-            else:
-                base = readlink("/proc/self/fd/%d" % dir_fd)
-            p = join(base, p)
-        return realpath(p)
-
-    def check_write(path, dir_fd=None):
-        if path is None or isinstance(path, int) or path in STREAMS:
-            return
-        try:
-            full = where(path, dir_fd)
-        except Exception:
-            refuse("changing %r (cannot resolve it)" % (path,))
-        if full != sandbox and not full.startswith(prefix) and full != "/dev/null":
-            refuse("changing %s (outside the sandbox)" % full)
-
-    def check_read(path):
-        if path is None or isinstance(path, int):
-            return
-        try:
-            parts = where(path).split("/", 3)
-        except Exception:
-            return
-        if len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and int(parts[2]) != mypid:
-            refuse("reading /proc/%s (another process)" % parts[2])
-
-    def on_open(args):
-        path, mode, flags = (tuple(args) + (None, None, 0))[:3]
-        writing = bool((flags or 0) & WRITE) or (isinstance(mode, str) and any(c in mode for c in "wax+"))
-        if writing:
-            check_write(path)
-        else:
-            check_read(path)
-
-    def first_path(dir_fd_index):
-        def handler(args):
-            dir_fd = args[dir_fd_index] if dir_fd_index is not None and len(args) > dir_fd_index else None
-            check_write(args[0], dir_fd if isinstance(dir_fd, int) else None)
-        return handler
-
-    def two_paths(args):
-        src_fd = args[2] if len(args) > 2 and isinstance(args[2], int) else None
-        dst_fd = args[3] if len(args) > 3 and isinstance(args[3], int) else src_fd
-        check_write(args[0], src_fd)
-        check_write(args[1], dst_fd)
-
-    def symlink(args):
-        check_write(args[1], args[2] if len(args) > 2 and isinstance(args[2], int) else None)
-
-    def kill(args):
-        if args[0] not in (0, mypid):
-            refuse("signalling process %s" % args[0])
-
-    def killpg(args):
-        if args[0] not in (0, mypgid):
-            refuse("signalling process group %s" % args[0])
-
-    def no(what):
-        def handler(args):
-            refuse(what)
-        return handler
-
-    handlers = {
-        "open": on_open,
-        "os.remove": first_path(1), "os.rmdir": first_path(1), "os.mkdir": first_path(2),
-        "os.chmod": first_path(2), "os.chown": first_path(3), "os.utime": first_path(3),
-        "os.truncate": first_path(None), "os.chflags": first_path(None),
-        "os.setxattr": first_path(None), "os.removexattr": first_path(None),
-        "shutil.rmtree": first_path(1), "shutil.chown": first_path(None),
-        "os.rename": two_paths, "os.link": two_paths, "shutil.move": two_paths,
-        "os.symlink": symlink,
-        "os.kill": kill, "os.killpg": killpg,
-        "os.system": no("os.system"), "os.exec": no("os.exec*"), "os.fork": no("os.fork"),
-        "os.forkpty": no("os.forkpty"), "os.posix_spawn": no("os.posix_spawn"),
-        "os.spawn": no("os.spawn*"), "subprocess.Popen": no("subprocess"),
-        "pty.spawn": no("pty.spawn"), "resource.setrlimit": no("changing resource limits"),
-        "resource.prlimit": no("prlimit"),
-    }
-
-    def hook(event, args):
-        handler = handlers.get(event)
-        if handler is not None:
-            handler(args)
-        elif event.startswith("socket."):
-            refuse("network access (%s)" % event)
-        elif event.startswith("ctypes."):
-            refuse("ctypes (%s)" % event)
-
-    # What the hooks do not see: process creation below subprocess, pidfd signals, fifos and
-    # device nodes, and os.open relative to a directory descriptor.
-    def refuse_call(what):
-        def blocked(*args, **kwargs):
-            refuse(what)
-        return blocked
-
-    try:
-        import _posixsubprocess
-        _posixsubprocess.fork_exec = refuse_call("creating processes")
-    except ImportError:
-        pass
-    import signal
-    if hasattr(signal, "pidfd_send_signal"):
-        signal.pidfd_send_signal = refuse_call("signal.pidfd_send_signal")
-    for name in ("mkfifo", "mknod"):
-        real = getattr(posix, name, None)
-        if real is not None:
-            def guarded(path, *args, _real=real, dir_fd=None, **kwargs):
-                check_write(path, dir_fd)
-                return _real(path, *args, dir_fd=dir_fd, **kwargs)
-            setattr(posix, name, guarded)
-            setattr(os, name, guarded)
-    real_open = posix.open
-
-    def guarded_open(path, flags, mode=0o777, *, dir_fd=None):
-        if dir_fd is not None and flags & WRITE:
-            check_write(path, dir_fd)
-        return real_open(path, flags, mode, dir_fd=dir_fd)
-    posix.open = os.open = guarded_open
-    for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
-        del sys.modules[name]
-    sys.addaudithook(hook)
-
-
-def _lf_main():
-    argv = sys.argv[2:]
-    del sys.argv[1:]
-    cfg = dict(a.split("=", 1) for a in argv)
-    res_fd = int(cfg["res_fd"])
-    write, exit_now = os.write, os._exit
-
-    def report(kind, text=""):
-        line = (kind + " " + " ".join(str(text).split())[:500]).rstrip() + "\n"
-        try:
-            write(res_fd, line.encode("utf-8", "replace"))
-        except OSError:
-            pass
-
-    token = sys.stdin.readline().strip()
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    try:
-        with open(cfg["program"], encoding="utf-8") as fh:
-            source = fh.read()
-        sandbox = os.path.realpath(os.getcwd())
-        network, user = _lf_confine(cfg)
-        if cfg["guard"] == "1":
-            _lf_guard(sandbox)
-    except BaseException as exc:
-        report("setup-error", "%s: %s" % (type(exc).__name__, exc))
-        exit_now(__SETUP_EXIT__)
-    report("network", network)
-    report("user", user)
-
-    import builtins, linecache
-    name = "program.py"
-    linecache.cache[name] = (len(source), None, source.splitlines(True), name)
-    namespace = {"__name__": "__main__", "__builtins__": builtins, "__file__": name}
-
-    def flush():
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-
-    try:
-        exec(compile(source, name, "exec"), namespace)
-    except SystemExit as exc:
-        flush()
-        report("exit", exc.code)
-        exit_now(exc.code if isinstance(exc.code, int) and exc.code not in (0, __SETUP_EXIT__) else 1)
-    except BaseException as exc:
-        import traceback
-        try:
-            traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
-        except BaseException:
-            pass
-        flush()
-        report("exception", "%s: %s" % (type(exc).__name__, exc))
-        exit_now(1)
-    flush()
-    report("done", token)
-    exit_now(0)
-
-
-_lf_main()
-'''.replace("__SETUP_EXIT__", str(SETUP_ERROR_EXIT))
-
-
-_LOADER = "import sys; exec(compile(open(sys.argv[1]).read(), '<sandbox>', 'exec'))"
+#: The program the child interpreter runs (by path: ``python -I`` ignores PYTHONPATH): it
+#: confines itself, installs the guard, runs the program and reports (see its docstring).
+CHILD = Path(sandbox_child.__file__)
 
 
 @dataclass(frozen=True)
@@ -623,78 +303,110 @@ def run_program(
         return Outcome(status="error", reason=f"cannot drop privileges for {python} "
                                               "(not root, no 'nobody', or its files are not world-readable)")
     start = time.monotonic()
+    token = secrets.token_hex(16)
+    limits = {"cpu_s": cpu, "memory_bytes": int(memory_mb) << 20, "file_size_bytes": int(file_size_mb) << 20,
+              "max_processes": int(max_processes), "guard": int(bool(guard))}
     base = None
-    fds: list[int] = []
     try:
         base = tempfile.mkdtemp(prefix="lf-sandbox-", dir=tmp_dir)
-        work = os.path.join(base, "work")
-        os.mkdir(work, 0o700)
-        program = os.path.join(base, "program.py")
-        with open(program, "w", encoding="utf-8") as fh:
-            fh.write(source)
-        boot = os.path.join(base, "boot.py")
-        with open(boot, "w", encoding="utf-8") as fh:
-            fh.write(_BOOTSTRAP)
-        if target is not None:
-            os.chown(work, target[0], target[1])
-        paths = {name: os.path.join(base, name) for name in ("stdout", "stderr", "result")}
-        out_fd, err_fd, res_fd = (os.open(paths[n], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                                  for n in ("stdout", "stderr", "result"))
-        fds = [out_fd, err_fd, res_fd]
-        nobody = _nobody_uid()
-        cfg = {
-            "program": program, "res_fd": res_fd, "cpu_s": cpu,
-            "memory_bytes": int(memory_mb) << 20, "file_size_bytes": int(file_size_mb) << 20,
-            "max_processes": int(max_processes), "guard": int(bool(guard)),
-            "drop": int(target is not None), "nobody_uid": "" if nobody is None else nobody,
-        }
-        if target is not None:
-            cfg.update(nobody_uid=target[0], nobody_gid=target[1], nobody_name=target[2])
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
-        token = secrets.token_hex(16)
-        argv = [python, "-I", "-c", _LOADER, boot] + [f"{k}={v}" for k, v in cfg.items()]
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out_fd, stderr=err_fd,
-                                    pass_fds=(res_fd,), cwd=work, env=env, start_new_session=True)
-        except OSError as exc:
-            return Outcome(status="error", reason=f"could not start {python}: {exc}",
-                           wall_s=time.monotonic() - start)
-        for fd in fds:
-            os.close(fd)
-        fds = []
-        try:
-            proc.stdin.write((token + "\n").encode())
-            proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            finished = _wait_for_exit(proc, timeout_s)
-        finally:
-            # The leader is not reaped yet, so its pid still names our group: kill what is
-            # left of it (children the program started), then reap.
-            _kill_group(proc.pid)
-            returncode = proc.wait()
-        wall = time.monotonic() - start
-        lines = _read_head(paths["result"], 1 << 16).splitlines()
-        stdout = _read_head(paths["stdout"], output_limit)
-        stderr = _read_tail(paths["stderr"], output_limit)
+        run = _run_child(base, source, python, limits, target, token, timeout_s, output_limit, start)
+    except _CouldNotStart as exc:
+        return Outcome(status="error", reason=f"could not start {python}: {exc}", wall_s=time.monotonic() - start)
     except OSError as exc:
         return Outcome(status="error", reason=f"sandbox failure: {exc}", wall_s=time.monotonic() - start)
     finally:
-        for fd in fds:
-            os.close(fd)
         if base is not None:
             _remove_tree(base)
+    return _outcome(run, token, timeout_s, cpu)
 
+
+class _CouldNotStart(Exception):
+    """The child interpreter did not start (its OSError's message)."""
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """What one child left behind."""
+
+    finished: bool
+    """False: killed at the wall-clock timeout."""
+    returncode: int
+    wall: float
+    lines: list[str]
+    """The result channel: the child's ``kind text`` lines."""
+    stdout: str
+    stderr: str
+
+
+def _run_child(base: str, source: str, python: str, limits: dict, target: tuple | None, token: str,
+               timeout_s: float, output_limit: int, start: float) -> _Finished:
+    """Run the program in a child with ``base`` as its private folder (the working directory
+    ``work``, the program, its output files); kill what is left of its process group; read
+    what it wrote."""
+    work = os.path.join(base, "work")
+    os.mkdir(work, 0o700)
+    program = os.path.join(base, "program.py")
+    with open(program, "w", encoding="utf-8") as fh:
+        fh.write(source)
+    if target is not None:
+        os.chown(work, target[0], target[1])
+    paths = {name: os.path.join(base, name) for name in ("stdout", "stderr", "result")}
+    fds = [os.open(paths[n], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+           for n in ("stdout", "stderr", "result")]
+    try:
+        proc = _start_child(python, program, work, fds, limits, target, token)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        finished = _wait_for_exit(proc, timeout_s)
+    finally:
+        # The leader is not reaped yet, so its pid still names our group: kill what is
+        # left of it (children the program started), then reap.
+        _kill_group(proc.pid)
+        returncode = proc.wait()
+    wall = time.monotonic() - start
+    return _Finished(finished, returncode, wall, _read_head(paths["result"], 1 << 16).splitlines(),
+                     _read_head(paths["stdout"], output_limit), _read_tail(paths["stderr"], output_limit))
+
+
+def _start_child(python: str, program: str, work: str, fds: list[int], limits: dict, target: tuple | None,
+                 token: str) -> subprocess.Popen:
+    """Start :data:`CHILD` in its own session, settings as ``key=value`` arguments, the token on
+    stdin (then closed), stdout/stderr/result on ``fds``, a minimal environment."""
+    out_fd, err_fd, res_fd = fds
+    nobody = _nobody_uid()
+    cfg = {"program": program, "res_fd": res_fd, **limits, "drop": int(target is not None),
+           "nobody_uid": "" if nobody is None else nobody}
+    if target is not None:
+        cfg.update(nobody_uid=target[0], nobody_gid=target[1], nobody_name=target[2])
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
+    argv = [python, "-I", str(CHILD)] + [f"{k}={v}" for k, v in cfg.items()]
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out_fd, stderr=err_fd,
+                                pass_fds=(res_fd,), cwd=work, env=env, start_new_session=True)
+    except OSError as exc:
+        raise _CouldNotStart(str(exc)) from exc
+    try:
+        proc.stdin.write((token + "\n").encode())
+        proc.stdin.close()
+    except OSError:
+        pass
+    return proc
+
+
+def _outcome(run: _Finished, token: str, timeout_s: float, cpu: int) -> Outcome:
+    """The status and reason of a finished child, from its exit and its result lines."""
     marks: dict[str, str] = {}
-    for line in lines:
+    for line in run.lines:
         kind, _, text = line.partition(" ")
-        marks.setdefault(kind, text)  # the bootstrap's own lines come first
+        marks.setdefault(kind, text)  # the child's own lines come first
+    returncode = run.returncode
     exit_code = returncode if returncode >= 0 else None
     sig = _signal_name(-returncode) if returncode < 0 else None
-    common = dict(exit_code=exit_code, signal=sig, wall_s=round(wall, 4), stdout=stdout,
-                  stderr_tail=stderr, network=marks.get("network", ""), user=marks.get("user", ""))
-    if not finished:
+    common = dict(exit_code=exit_code, signal=sig, wall_s=round(run.wall, 4), stdout=run.stdout,
+                  stderr_tail=run.stderr, network=marks.get("network", ""), user=marks.get("user", ""))
+    if not run.finished:
         return Outcome(status="timeout", reason=f"wall-clock timeout after {timeout_s:g} s", **common)
     if "setup-error" in marks:
         return Outcome(status="error", reason=f"sandbox setup failed: {marks['setup-error']}", **common)

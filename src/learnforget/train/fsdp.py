@@ -36,71 +36,17 @@ Functions, in the order a job calls them:
 Every function that gathers or scatters is a collective: all processes must call it, in the same
 order; only rank 0 gets (or needs to pass) the full tensors.
 
-Integrating into the trainer
-----------------------------
-(``src/learnforget/train.py`` and ``launch.py``; not done here because train.py is being edited.)
-
-1. ``Dist.__init__(device, fsdp=False)``: ``finetune`` passes ``fsdp.wanted(m, world)`` (``world``
-   from ``WORLD_SIZE``; ``pretrain_base`` never shards). Keep creating the ``Accelerator``: it
-   initialises the process group (gloo on CPU, nccl on GPU) and sets the CUDA device, and
-   ``device_mesh`` reuses that group (checked under ``accelerate launch`` on 2 CPU processes).
-   Add ``self.fsdp`` and, when sharding, ``self.mesh = fsdp.device_mesh(self.device)``.
-   ``Dist.unwrap`` stays: FSDP2 does not wrap, the model object itself becomes the sharded one
-   (class ``FSDPLlamaForCausalLM``, a subclass of ``LlamaForCausalLM``).
-2. ``train()``, setup: when ``dist.fsdp``, replace ``model = dist.accelerator.prepare(model)`` by
-   ``model = fsdp.shard_model(model, dist.mesh, precision=cfg.precision)``, build the optimizer
-   after it (``make_optimizer(model, cfg, method)``, unchanged) and do not ``accelerator.prepare``
-   the optimizer. Restoring ``state``: replace ``opt.load_state_dict(state["optimizer"])`` by
-   ``fsdp.load_full_optimizer_state_dict(model, opt, state["optimizer"] if dist.is_main else
-   None)`` (every rank calls it).
-3. ``train()``, each step: ``total.backward()`` rather than ``accelerator.backward``; the loss
-   scaling ``ce * (dist.world / n_loss)`` stays (FSDP2's reduce-scatter averages over processes
-   like DDP's all-reduce). ``gnorm = fsdp.clip_grad_norm(params, cfg.grad_clip)`` replaces all
-   three gradient-norm branches (the unclipped ``p.grad.norm()`` one fails on sharded gradients;
-   ``clip_grad_norm`` with 0 only measures). bf16: FSDP's policy does the casting, so the
-   autocast must be off: ``enabled=cfg.precision == "bf16" and not dist.fsdp``.
-4. ``_state()``: ``opt.state_dict()`` becomes ``fsdp.full_optimizer_state_dict(model, opt)`` when
-   sharded (a collective; ``_state`` already runs on every rank, keep it so; ranks > 0 get
-   None, and only rank 0 writes). Its format is ``opt.state_dict()``'s, so ``state.pt`` files
-   stay interchangeable between 1-process, DDP and FSDP jobs of the same run.
-5. ``train()``, snapshot: compute ``plain = fsdp.unsharded_model(model)`` on every rank, then
-   ``if dist.is_main: snapshot(plain, snap_state)``. At the end return ``fsdp.unsharded_model(model)``
-   instead of ``dist.unwrap(model)`` when sharded (None on ranks > 0: ``finetune`` returns early
-   there, so ``_write_point`` / ``m.save`` / ``m.summary`` / ``model.config`` only see the plain
-   model on rank 0, and ``FullConfig.save``'s ``save_pretrained`` writes an ordinary HF model).
-6. ``finetune``, resume and continue (``_load_point``): unchanged for the model (every rank
-   builds the full float32 model on CPU; ``shard_model`` moves its shard to the device and the
-   rest is freed). Read ``state.pt`` with ``torch.load(..., weights_only=True, mmap=True)`` so that
-   ranks > 0 do not materialise the full optimizer state they do not use (step 2 passes it only
-   from rank 0). Snapshots, ``job.json``, ``_check_same_run`` stay as they are; add
-   ``"fsdp": dist.fsdp`` to the manifest next to ``processes``.
-7. ``launch.py``: nothing (``accelerate launch --multi_gpu --mixed_precision no``; FSDP is
-   switched on inside the processes, not with accelerate's ``--use_fsdp``). A ``type: full``
-   case in ``tests/test_distributed.py`` (2 CPU processes vs 1 through ``finetune_job``) would
-   then test the integration end to end. README: "Scaling to a GPU cluster" and "Status" say the
-   trainer has no FSDP yet.
-
-What the memory planner (``planner.py``, ``resources.py``) needs:
-
-- The layout: the trainer shards exactly when the method is full and there are several
-  processes, which is ``plan_gpus``' ``fsdp=None`` (auto). ``resources._layout`` must then
-  give ``fsdp=None`` instead of ``False`` (``train_plan``'s fixed-N branch:
-  ``fsdp=isinstance(method, FullConfig) and n > 1``), and the docstrings that say the loop has
-  no FSDP path (planner module docstring, resources) change.
-- bf16 under FSDP is ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``:
-  float32 shards, bf16 gathered units and activations, no autocast weight copies: the planner's
-  ``compute = "bf16" if fsdp`` already. The root unit (embeddings, final norm, head) is not
-  resharded after the forward, the layers are: the planner's "gathered root plus two gathered
-  layers" (one computing, one prefetched). fp32: float32 gathered units, as planned.
-- Host memory on GPUs: every process still loads the float32 model before sharding
-  (``host_memory_bytes`` counts that). New: rank 0 gathers the full float32 weights (4 bytes
-  per parameter) and the full optimizer state (``4 * OPTIMIZER_STATES[optimizer]`` bytes per
-  parameter) into its host memory at each snapshot and at the final save: add
-  ``(4 + 4 * OPTIMIZER_STATES[opt]) * params`` once per job to ``mem_mb`` (7B with AdamW:
-  75 GiB more).
-- CPU jobs (``gpu: 0``, ``cpu_processes`` > 1) with a full method are sharded too: the CPU
-  branch of ``gpu_plan_for_job`` should call ``estimate(..., fsdp=True, device="cpu")`` for them.
-- FSDP needs torch >= 2.6 (``fully_shard`` public, ``get_total_norm``); pyproject says >= 2.3.
+How the trainer uses it
+-----------------------
+:class:`learnforget.train.loop.Dist` shards when :func:`wanted` says so (a method whose
+``shards_with_fsdp`` is set, several processes): the model is sharded after it is built, the
+optimizer built on the shards, gradients clipped by :func:`clip_grad_norm`, the autocast left to
+FSDP's mixed-precision policy, and snapshots and the final save gather the plain model and a
+plain ``optimizer.state_dict()`` on rank 0, so ``state.pt`` files are interchangeable between
+one-process, DDP and FSDP jobs of the same run. ``tests/test_fsdp.py`` and
+``tests/test_distributed.py`` check it on CPU processes; the memory planner
+(:mod:`learnforget.cluster.planner`) models the same layout. Host memory: rank 0 holds the full
+float32 weights and optimizer state at each snapshot (7B with AdamW: about 75 GiB more).
 """
 
 from __future__ import annotations
@@ -109,15 +55,17 @@ from typing import Any
 
 import torch
 
+from learnforget.train.methods import MethodConfig, as_method
+
 __all__ = ["wanted", "device_mesh", "mixed_precision", "shard_model", "is_sharded", "clip_grad_norm",
            "full_model_state_dict", "load_full_model_state_dict", "unsharded_model",
            "full_optimizer_state_dict", "load_full_optimizer_state_dict"]
 
 
-def wanted(method, world: int) -> bool:
-    """Shard with FSDP: a ``type: full`` method (a MethodConfig or its dict) and ``world`` > 1."""
-    kind = method.get("type") if isinstance(method, dict) else getattr(method, "type", None)
-    return kind == "full" and int(world) > 1
+def wanted(method: MethodConfig | dict, world: int) -> bool:
+    """Shard with FSDP: a method that asks for it (``shards_with_fsdp``: full finetuning; a
+    MethodConfig or its dict) over ``world`` > 1 processes."""
+    return as_method(method).shards_with_fsdp and int(world) > 1
 
 
 def device_mesh(device: torch.device | str):

@@ -49,16 +49,16 @@ from typing import Callable, Iterable
 
 from learnforget.core.integrity import DROPPED, MANIFEST, CorruptCheckpoint, dropped_by_policy, read_manifest_files, verify
 from learnforget.core.io import read_json, sha256_file
+from learnforget.train.methods import state_files
 
 POLICIES = ("newest", "all")
 STATE = "state.pt"
 
 
 def training_state_files() -> tuple[str, ...]:
-    """Files of a checkpoint needed only to continue training from it."""
-    from learnforget.train.methods import ADALORA_STATE, RELORA_STATE
-
-    return (STATE, ADALORA_STATE, RELORA_STATE)
+    """Files of a checkpoint needed only to continue training from it: ``state.pt`` and what any
+    method's ``save_state`` writes."""
+    return (STATE, *state_files())
 
 
 def manifest_fingerprint(ckpt_dir: str | os.PathLike) -> str:

@@ -9,6 +9,7 @@ the number of processes from its ``gpu`` resource (or ``resources.cpu_processes`
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -17,14 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from learnforget.core import integrity
 from learnforget.core.io import read_json
+from learnforget.core.logs import setup
+from learnforget.train.loop import finetune
 
 
 def finetune_job(kwargs: dict, processes: int = 1, device: str = "cpu", main_port: int | None = None) -> dict:
     """Run ``finetune(**kwargs)`` on ``processes`` processes; return the checkpoint's manifest."""
-    from learnforget.core import integrity
-    from learnforget.train.loop import finetune
-
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
     # Never train on top of a damaged checkpoint: CorruptCheckpoint fails the job, and the next
@@ -52,15 +53,11 @@ def finetune_job(kwargs: dict, processes: int = 1, device: str = "cpu", main_por
 
 
 def _module_available(name: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(name) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from learnforget.core.logs import setup
-    from learnforget.train.loop import finetune
-
+    """The entry point of each process of a multi-process job: ``finetune`` with the spec's arguments."""
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
     setup(None)

@@ -1,17 +1,20 @@
 """The training engine: one loop for base pretraining and for finetuning.
 
-Reads top to bottom: the settings (:class:`TrainConfig`), the loop (:func:`train`), and the two
-entry points the pipeline scripts call: :func:`pretrain_base` and :func:`finetune`.
+Reads top to bottom: the optimizer and the RNG state, the process layout (:class:`Dist`), the
+loop (:func:`train`, one optimizer update per :func:`_train_step`), and the two entry points the
+pipeline scripts call: :func:`pretrain_base` and :func:`finetune`. The settings are
+:mod:`learnforget.train.settings`; checkpoints on disk are :mod:`learnforget.train.checkpoints`.
 
 Durations. A finetuning checkpoint holds the published model (or adapter), ``state.pt``
 (optimizer, step, data position, RNG states, tokens seen, method state) and a manifest. How the
-durations of a run relate is its *mode* (:data:`MODES`, :meth:`TrainConfig.mode`): with a
-length-independent schedule each duration continues from the previous one (``continue``), or,
-when the schedule ends in a cool-down (inverse_sqrt, wsd), one trunk runs to each duration's
-cool-down start and a short cool-down branch per duration gives its checkpoint (``branch``);
-a length-dependent schedule (cosine) trains each duration from the base (``restart``) unless
-``schedule_length: longest`` shares one schedule over the longest duration (``longest``).
-Continuing gives the same weights as training in one go (bitwise on CPU, same thread count).
+durations of a run relate is its *mode* (:data:`~learnforget.train.settings.MODES`,
+:meth:`TrainConfig.mode`): with a length-independent schedule each duration continues from the
+previous one (``continue``), or, when the schedule ends in a cool-down (inverse_sqrt, wsd), one
+trunk runs to each duration's cool-down start and a short cool-down branch per duration gives
+its checkpoint (``branch``); a length-dependent schedule (cosine) trains each duration from the
+base (``restart``) unless ``schedule_length: longest`` shares one schedule over the longest
+duration (``longest``). Continuing gives the same weights as training in one go (bitwise on
+CPU, same thread count).
 
 Resume. With a ``resume_dir`` a job snapshots its whole state at an interval; a job killed and
 rerun continues from the snapshot and ends with the same weights as an uninterrupted run.
@@ -21,10 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
+import logging
 import math
-import platform
+import os
 import random
 import shutil
 import tempfile
@@ -35,18 +38,23 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from learnforget.train import fsdp
-from learnforget.train import keep
 from learnforget.core import perf
+from learnforget.core.io import atomic_path, read_json, write_json
+from learnforget.core.provenance import code_version, library_versions
+from learnforget.data.tokenizer import load_tokenizer
+from learnforget.data.tokens import IGNORE_INDEX, Batches, load_tokens, mix
+from learnforget.train import checkpoints, fsdp, keep
 from learnforget.train.accounting import measured_peak_flops, peak_memory_mib, speed
-from learnforget.core.io import atomic_path, read_json, read_jsonl, sha256_file, write_json
-from learnforget.train.methods import MethodConfig, method_from_dict
-from learnforget.train.settings import UNITS, TrainConfig
+from learnforget.train.checkpoints import StartPoint
+from learnforget.train.methods import MethodConfig, as_method
 from learnforget.train.modeling import build_model, count_parameters, flops_per_token, load_model
 from learnforget.train.optim import make_optimizer as _make_optimizer
-from learnforget.train.schedules import cooldown_start
-from learnforget.data.tokens import IGNORE_INDEX, Batches, load_tokens, mix
+from learnforget.train.settings import UNITS, TrainConfig, plan_segment
+
+log = logging.getLogger(__name__)
+
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, method: MethodConfig | None = None
                    ) -> torch.optim.Optimizer:
@@ -102,7 +110,7 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- processes
 class Dist:
     """The process's place in a (possibly) multi-process job launched by accelerate/torchrun.
 
@@ -110,14 +118,13 @@ class Dist:
     environment): an :class:`accelerate.Accelerator` sets up the process group (gloo on CPU, nccl
     on GPU) and wraps the model in DDP; each process takes every ``world``-th row of the global
     batch, and the loss is scaled so that the averaged gradients equal the one-process gradient
-    of the whole batch. Full finetuning over several processes (``method`` of ``type: full``) is
-    sharded with FSDP2 instead of replicated (:mod:`learnforget.train.fsdp`): weights, gradients and
-    optimizer state are split over the processes, and gathered on the main one to save.
+    of the whole batch. A method that shards (``shards_with_fsdp``: full finetuning) is sharded
+    over several processes with FSDP2 instead of replicated (:mod:`learnforget.train.fsdp`):
+    weights, gradients and optimizer state are split over the processes, and gathered on the
+    main one to save.
     """
 
     def __init__(self, device: str = "cpu", method: MethodConfig | None = None):
-        import os
-
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = torch.device(device)
@@ -150,6 +157,24 @@ class Dist:
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model) if self.accelerator is not None else model
 
+    def wrap(self, model: torch.nn.Module, cfg: TrainConfig, method: MethodConfig | None):
+        """``(model, sharded, optimizer)``: the model as this layout trains it (FSDP-sharded, or
+        DDP-wrapped by accelerate) and its optimizer; ``sharded`` is the FSDP model (else None)."""
+        sharded = None
+        if self.fsdp:
+            model = sharded = fsdp.shard_model(model, self.mesh, precision=cfg.precision)
+        elif self.accelerator is not None:
+            model = self.accelerator.prepare(model)
+        opt = make_optimizer(self.unwrap(model), cfg, method)
+        if self.accelerator is not None and not self.fsdp:
+            opt = self.accelerator.prepare(opt)
+        return model, sharded, opt
+
+    def plain_model(self, model, sharded):
+        """The plain model to save: under FSDP gathered on the main process (a collective; the
+        others get None), else unwrapped from DDP."""
+        return fsdp.unsharded_model(sharded) if self.fsdp else self.unwrap(model)
+
 
 def _state(step, tokens, loss_tokens, elapsed, batches, opt, schedule_total, cfg, model=None) -> dict:
     """The resumable training state. ``model``: the FSDP-sharded model, whose optimizer state is
@@ -158,6 +183,129 @@ def _state(step, tokens, loss_tokens, elapsed, batches, opt, schedule_total, cfg
     return {"step": step, "tokens": tokens, "loss_tokens": loss_tokens, "elapsed": elapsed,
             "position": list(batches.position), "optimizer": optimizer, "rng": _rng_state(),
             "schedule_total": schedule_total, "train_cfg": cfg.to_dict()}
+
+
+# ----------------------------------------------------------------------------- the loop
+def _restore(state: dict | None, start_step: int, end_step: int, opt, sharded, batches: Batches, cfg: TrainConfig,
+             dist: Dist) -> tuple[int, int, float]:
+    """Continue from ``state`` (optimizer, data position, RNGs) or start fresh (data at epoch 0,
+    RNGs seeded with ``cfg.seed``); returns the (tokens, loss_tokens, elapsed) so far."""
+    if state is not None:
+        if int(state["step"]) != start_step:
+            raise ValueError(f"state is at step {state['step']} but start_step is {start_step}")
+        if dist.fsdp:  # the main process's full optimizer state, scattered to the shards
+            fsdp.load_full_optimizer_state_dict(sharded, opt, state["optimizer"] if dist.is_main else None)
+        else:
+            opt.load_state_dict(state["optimizer"])
+        batches.set_position(state["position"])
+        _set_rng_state(state["rng"])
+        tokens, loss_tokens, elapsed = int(state["tokens"]), int(state["loss_tokens"]), float(state["elapsed"])
+    else:
+        if start_step != 0:
+            raise ValueError("start_step > 0 needs the state of the run being continued")
+        batches.set_position((0, 0))
+        _seed_all(cfg.seed)
+        tokens, loss_tokens, elapsed = 0, 0, 0.0
+    if end_step < start_step:
+        raise ValueError(f"end_step {end_step} is before start_step {start_step}")
+    return tokens, loss_tokens, elapsed
+
+
+class _StepLog:
+    """Where each step's record goes: the JSONL log and TensorBoard (main process only) and the
+    progress bar."""
+
+    def __init__(self, log_path, tensorboard_dir, *, total: int, desc: str, progress: bool, dist: Dist):
+        self.tb = None
+        if tensorboard_dir is not None and dist.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError("train.tensorboard is on but the tensorboard package is not installed "
+                                   "(pip install tensorboard)") from exc
+            self.tb = SummaryWriter(str(tensorboard_dir))
+        self.file = open(log_path, "a", encoding="utf-8") if (log_path and dist.is_main) else None
+        self.bar = tqdm(total=total, desc=desc, disable=not (progress and dist.is_main), mininterval=2.0, unit="step")
+
+    def write(self, rec: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        if self.tb is not None:
+            for key in ("loss", "lr", "grad_norm"):
+                self.tb.add_scalar(f"train/{key}", rec[key], rec["step"])
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _accumulate(model, forward, parts, n_loss: float, autocast, method: MethodConfig | None, dist: Dist):
+    """Forward and backward of this process's share of the global batch, in micro-batches
+    (``parts``); returns the summed cross-entropy of its loss tokens."""
+    ce = 0.0
+    for i, batch in enumerate(parts):
+        last = i == len(parts) - 1
+        # DDP: gradients are all-reduced on the last micro-batch's backward only
+        sync = contextlib.nullcontext() if last or dist.accelerator is None or dist.fsdp \
+            else dist.accelerator.no_sync(model)
+        with sync:
+            with autocast:
+                logits = forward(input_ids=batch.input_ids.to(dist.device), use_cache=False).logits
+            ce_part = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                      batch.targets.to(dist.device).reshape(-1),
+                                      ignore_index=IGNORE_INDEX, reduction="sum")
+            # mean over the global batch's loss tokens; DDP averages gradients over processes
+            loss = ce_part * (dist.world / n_loss) if n_loss else logits.sum() * 0.0
+            if last and method is not None:
+                reg = method.regularizer(dist.unwrap(model))
+                if reg is not None:
+                    loss = loss + reg
+            if dist.accelerator is not None and not dist.fsdp:
+                dist.accelerator.backward(loss)
+            else:
+                loss.backward()
+        ce = ce + ce_part.detach()
+    return ce
+
+
+def _grad_norm(params, grad_clip: float, dist: Dist) -> float:
+    """The global gradient norm, clipped to ``grad_clip`` when it is > 0."""
+    if dist.fsdp:  # the global norm over every shard (clipping when grad_clip > 0)
+        return fsdp.clip_grad_norm(params, grad_clip)
+    if grad_clip > 0 and dist.accelerator is not None:
+        return float(dist.accelerator.clip_grad_norm_(params, grad_clip))
+    if grad_clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
+
+def _train_step(step: int, model, forward, opt, params, batches: Batches, cfg: TrainConfig,
+                method: MethodConfig | None, autocast, dist: Dist):
+    """One optimizer update on the next global batch: ``(cross-entropy summed over this
+    process's loss tokens, tokens, loss tokens (both over every process), gradient norm)``."""
+    items = batches.next_items()
+    mine = items[dist.rank::dist.world]
+    mb = cfg.micro_batch_size or max(1, len(mine))
+    # gradient accumulation: the process's share in passes of micro_batch_size sequences
+    parts = [batches.make_batch(mine[i:i + mb]) for i in range(0, max(1, len(mine)), mb)]
+    n_tok, n_loss = dist.sum([sum(b.n_tokens for b in parts), sum(b.n_loss_tokens for b in parts)])
+    opt.zero_grad(set_to_none=True)
+    ce = _accumulate(model, forward, parts, n_loss, autocast, method, dist)
+    gnorm = _grad_norm(params, cfg.grad_clip, dist)
+    opt.step()
+    if method is not None:
+        # the method's randomness (e.g. ReLoRA's re-initialisation) is seeded from the step, the
+        # same in every process, and does not shift the data order or dropout
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            method.after_step(dist.unwrap(model), opt, step)
+    return ce, n_tok, n_loss, gnorm
 
 
 def train(
@@ -199,207 +347,61 @@ def train(
     torch.set_num_threads(cfg.threads)
     perf.tune_allocator()  # heap reuse for the per-step tensors (learnforget.core.perf)
     sched = cfg.schedule_fn(schedule_total)
-    sharded = None  # the FSDP-sharded model (full finetuning over several processes)
-    if dist.fsdp:
-        model = sharded = fsdp.shard_model(model, dist.mesh, precision=cfg.precision)
-    elif dist.accelerator is not None:
-        model = dist.accelerator.prepare(model)
-    opt = make_optimizer(dist.unwrap(model), cfg, method)
-    if dist.accelerator is not None and not dist.fsdp:
-        opt = dist.accelerator.prepare(opt)
+    model, sharded, opt = dist.wrap(model, cfg, method)
     params = [p for g in opt.param_groups for p in g["params"]]
     # train.compile: the forward (and so its backward) through inductor; the same parameters
     forward = torch.compile(model) if cfg.compile else model
-    if state is not None:
-        if int(state["step"]) != start_step:
-            raise ValueError(f"state is at step {state['step']} but start_step is {start_step}")
-        if dist.fsdp:  # the main process's full optimizer state, scattered to the shards
-            fsdp.load_full_optimizer_state_dict(sharded, opt, state["optimizer"] if dist.is_main else None)
-        else:
-            opt.load_state_dict(state["optimizer"])
-        batches.set_position(state["position"])
-        _set_rng_state(state["rng"])
-        tokens, loss_tokens, elapsed = int(state["tokens"]), int(state["loss_tokens"]), float(state["elapsed"])
-    else:
-        if start_step != 0:
-            raise ValueError("start_step > 0 needs the state of the run being continued")
-        batches.set_position((0, 0))
-        _seed_all(cfg.seed)
-        tokens, loss_tokens, elapsed = 0, 0, 0.0
-    if end_step < start_step:
-        raise ValueError(f"end_step {end_step} is before start_step {start_step}")
-
-    from tqdm.auto import tqdm
-
-    tb = None
-    if tensorboard_dir is not None and dist.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise RuntimeError("train.tensorboard is on but the tensorboard package is not installed "
-                               "(pip install tensorboard)") from exc
-        tb = SummaryWriter(str(tensorboard_dir))
+    tokens, loss_tokens, elapsed = _restore(state, start_step, end_step, opt, sharded, batches, cfg, dist)
     # bf16: autocast, or under FSDP its mixed-precision policy (bf16 compute, fp32 shards)
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16,
                               enabled=cfg.precision == "bf16" and not dist.fsdp)
-    model.train()
-    log = open(log_path, "a", encoding="utf-8") if (log_path and dist.is_main) else None
-    bar = tqdm(total=end_step - start_step, desc=desc, disable=not (progress and dist.is_main),
-               mininterval=2.0, unit="step")
+    model.train()  # dropout on
+    out = _StepLog(log_path, tensorboard_dir, total=end_step - start_step, desc=desc, progress=progress, dist=dist)
     t0 = last_snap = time.perf_counter()
     try:
         for step in range(start_step, end_step):
             lr = cfg.lr * sched(step) * (method.lr_multiplier(step) if method is not None else 1.0)
             for g in opt.param_groups:
                 g["lr"] = lr
-            items = batches.next_items()
-            mine = items[dist.rank::dist.world]
-            mb = cfg.micro_batch_size or max(1, len(mine))
-            # gradient accumulation: the process's share in passes of micro_batch_size sequences
-            parts = [batches.make_batch(mine[i:i + mb]) for i in range(0, max(1, len(mine)), mb)]
-            n_tok, n_loss = dist.sum([sum(b.n_tokens for b in parts), sum(b.n_loss_tokens for b in parts)])
-            opt.zero_grad(set_to_none=True)
-            ce = 0.0
-            for i, batch in enumerate(parts):
-                last = i == len(parts) - 1
-                sync = contextlib.nullcontext() if last or dist.accelerator is None or dist.fsdp \
-                    else dist.accelerator.no_sync(model)
-                with sync:
-                    with autocast:
-                        logits = forward(input_ids=batch.input_ids.to(dist.device), use_cache=False).logits
-                    ce_part = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                              batch.targets.to(dist.device).reshape(-1),
-                                              ignore_index=IGNORE_INDEX, reduction="sum")
-                    # mean over the global batch's loss tokens; DDP averages gradients over processes
-                    loss = ce_part * (dist.world / n_loss) if n_loss else logits.sum() * 0.0
-                    if last and method is not None:
-                        reg = method.regularizer(dist.unwrap(model))
-                        if reg is not None:
-                            loss = loss + reg
-                    if dist.accelerator is not None and not dist.fsdp:
-                        dist.accelerator.backward(loss)
-                    else:
-                        loss.backward()
-                ce = ce + ce_part.detach()
-            if dist.fsdp:  # the global norm over every shard (clipping when grad_clip > 0)
-                gnorm = fsdp.clip_grad_norm(params, cfg.grad_clip)
-            elif cfg.grad_clip > 0 and dist.accelerator is not None:
-                gnorm = float(dist.accelerator.clip_grad_norm_(params, cfg.grad_clip))
-            elif cfg.grad_clip > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True))
-            else:
-                gnorm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-            opt.step()
-            if method is not None:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(cfg.seed * 1_000_003 + step)
-                    method.after_step(dist.unwrap(model), opt, step)
+            ce, n_tok, n_loss, gnorm = _train_step(step, model, forward, opt, params, batches, cfg, method,
+                                                   autocast, dist)
             tokens += int(n_tok)
             loss_tokens += int(n_loss)
             now = time.perf_counter()
             loss_value = dist.sum([float(ce.detach())])[0] / n_loss if n_loss else 0.0
-            rec = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": gnorm, "tokens": tokens,
-                   "loss_tokens": loss_tokens, "epoch": round(batches.epoch + batches.index / batches.n_items, 6),
-                   "elapsed": round(elapsed + now - t0, 4)}
-            if log is not None:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            if tb is not None:
-                for key in ("loss", "lr", "grad_norm"):
-                    tb.add_scalar(f"train/{key}", rec[key], step + 1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(1)
+            out.write({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": gnorm, "tokens": tokens,
+                       "loss_tokens": loss_tokens, "epoch": round(batches.epoch + batches.index / batches.n_items, 6),
+                       "elapsed": round(elapsed + now - t0, 4)})
             due = (cfg.save_every_steps and (step + 1 - start_step) % cfg.save_every_steps == 0) or \
                   (cfg.save_every_minutes and now - last_snap >= 60 * cfg.save_every_minutes)
             if snapshot is not None and due and step + 1 < end_step:
                 snap_state = _state(step + 1, tokens, loss_tokens, elapsed + now - t0, batches, opt,
                                     schedule_total, cfg, sharded)
-                plain = fsdp.unsharded_model(sharded) if dist.fsdp else dist.unwrap(model)
+                plain = dist.plain_model(model, sharded)
                 if dist.is_main:
                     snapshot(plain, snap_state)
                 dist.barrier()
                 last_snap = time.perf_counter()
     finally:
-        bar.close()
-        if log is not None:
-            log.close()
-        if tb is not None:
-            tb.close()
+        out.close()
     elapsed += time.perf_counter() - t0
     final = _state(end_step, tokens, loss_tokens, elapsed, batches, opt, schedule_total, cfg, sharded)
     # under FSDP the main process gets the gathered, plain model (the others None: they do not save)
-    return (fsdp.unsharded_model(sharded) if dist.fsdp else dist.unwrap(model)), final
-
-
-# ----------------------------------------------------------------------------- helpers
-def _dir_fingerprint(root: Path, names: Sequence[str], known: dict[str, str] | None = None) -> str:
-    """sha256 over the named files of a folder (those that exist), in order. ``known``: file ->
-    sha256 already verified (a checkpoint manifest's), used instead of hashing the file again."""
-    h = hashlib.sha256()
-    for name in names:
-        if (root / name).is_file():
-            digest = (known or {}).get(name) or sha256_file(root / name)
-            h.update(name.encode() + b"\0" + digest.encode())
-    return h.hexdigest()
-
-
-def _base_fingerprint(base_dir: Path) -> str:
-    """sha256 over the base model's config and weights (a sharded model's index and shards
-    too; a single-file model's fingerprint is as it always was)."""
-    shards = sorted(p.name for p in base_dir.glob("model-*.safetensors"))
-    # the base's manifest hashes were just verified (launch.finetune_job): a 7B model is not
-    # hashed again by every job
-    manifest = base_dir / "manifest.json"
-    known = read_json(manifest).get("files") if manifest.is_file() else None
-    return _dir_fingerprint(base_dir, ("config.json", "model.safetensors", *(
-        ["model.safetensors.index.json", *shards] if shards else [])), known=known)
-
-
-def _file_hashes(root: Path, skip: Sequence[str] = ("manifest.json",)) -> dict[str, str]:
-    return {str(p.relative_to(root)): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and str(p.relative_to(root)) not in skip}
-
-
-def _code_version() -> str | None:
-    """The git commit of the learn-forget checkout this code runs from (None outside git)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return out.stdout.strip() + ("+dirty" if dirty else "")
-
-
-def log_info(msg: str) -> None:
-    import logging
-
-    logging.getLogger("learnforget.train.loop").info(msg)
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
-
-
-def _load_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
+    return dist.plain_model(model, sharded), final
 
 
 # ----------------------------------------------------------------------------- entry points
+def _with_seed(train_cfg: dict, seed: int | None) -> TrainConfig:
+    """The training settings, with the run's seed when one is given."""
+    cfg = TrainConfig.from_dict(train_cfg)
+    return dataclasses.replace(cfg, seed=int(seed)) if seed is not None else cfg
+
+
+def _check_eos(td, tokenizer) -> None:
+    if td.eos_id is not None and td.eos_id != tokenizer.eos_token_id:
+        raise ValueError(f"tokens use eos id {td.eos_id} but the tokenizer's is {tokenizer.eos_token_id}")
+
+
 def pretrain_base(
     tokenizer_dir: str | Path,
     token_dirs_with_weights: Sequence[tuple[str | Path, float]] | dict,
@@ -421,17 +423,14 @@ def pretrain_base(
     (see :func:`learnforget.data.tokens.mix`); an epoch is one pass over the mix. Returns the manifest.
     """
     wall0 = time.time()
-    cfg = TrainConfig.from_dict(train_cfg)
-    if seed is not None:
-        cfg = dataclasses.replace(cfg, seed=int(seed))
+    cfg = _with_seed(train_cfg, seed)
     torch.set_num_threads(cfg.threads)
     items = list(token_dirs_with_weights.items()) if isinstance(token_dirs_with_weights, dict) \
         else [tuple(x) for x in token_dirs_with_weights]
     parts = [(load_tokens(d), float(w)) for d, w in items]
     td = mix(parts, seed=cfg.seed)
-    tokenizer = _load_tokenizer(tokenizer_dir)
-    if td.eos_id is not None and td.eos_id != tokenizer.eos_token_id:
-        raise ValueError(f"tokens use eos id {td.eos_id} but the tokenizer's is {tokenizer.eos_token_id}")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    _check_eos(td, tokenizer)
     batches = Batches(td, "cpt", cfg.batch_size, cfg.seq_len, seed=cfg.seed, pad_id=tokenizer.pad_token_id)
     steps = duration_to_steps(duration, unit, batches)
     model = build_model(arch, tokenizer, seed=cfg.seed)
@@ -466,114 +465,184 @@ def pretrain_base(
             "train_seconds": round(state["elapsed"], 3),
             "wall_seconds": None,
             **speed(state["tokens"], seconds, fpt, measured_peak_flops("cpu")),
-            "final_loss": _last_loss(tmp / "train_log.jsonl"),
+            "final_loss": checkpoints.last_loss(tmp / "train_log.jsonl"),
             "parameters": {"trainable": trainable, "total": total},
             "threads": cfg.threads,
             **peak_memory_mib("cpu"),
-            "code_version": _code_version(),
-            "versions": _versions(),
-            "files": _file_hashes(tmp),
+            "code_version": code_version(),
+            "versions": library_versions(),
+            "files": checkpoints.file_hashes(tmp),
         }
         manifest["wall_seconds"] = round(time.time() - wall0, 3)
         write_json(tmp / "manifest.json", manifest)
     return manifest
 
 
-def _last_loss(log: Path) -> float | None:
-    if not log.exists():
-        return None
-    recs = read_jsonl(log)
-    return recs[-1]["loss"] if recs else None
+@dataclasses.dataclass
+class _Job:
+    """One finetuning job: what it trains, on which data, to which point of its run."""
+
+    m: MethodConfig
+    cfg: TrainConfig
+    dist: Dist
+    plan: dict  # plan_segment's
+    run_cfg: dict  # the run's identity (_run_identity)
+    batches: Batches
+    td: object  # the token data (learnforget.data.tokens)
+    base_dir: str | Path
+    token_dir: str | Path
+    regime: str
+    duration: float
+    unit: str
+    part: str
+    run_name: str | None
+
+    @property
+    def key(self) -> dict:
+        """Which job of the run this is (a resume snapshot's ``job.json`` names it)."""
+        return {"part": self.part, "end_step": self.plan["end_step"], "schedule_total": self.plan["schedule_total"]}
 
 
-def plan_segment(cfg: TrainConfig, method: MethodConfig, part: str, steps: int, longest_steps: int) -> dict:
-    """Where one job of a run starts and ends.
-
-    ``part`` is ``"final"`` (the evaluated checkpoint of a duration of ``steps`` steps) or
-    ``"trunk"`` (mode ``branch`` only: the shared trunk up to that duration's cool-down start).
-    Returns ``end_step``, ``schedule_total`` (None: the length-independent trunk),
-    ``method_total`` (what :meth:`MethodConfig.prepare` gets) and ``from``: what the job
-    continues from, one of ``base``, ``previous`` (the previous duration's checkpoint of the
-    same part) or ``trunk`` (this duration's own trunk).
-    """
-    mode = cfg.mode(method)
-    if part == "trunk":
-        if mode != "branch":
-            raise ValueError(f"a trunk job needs a schedule with a cool-down (mode 'branch'), not {mode!r}")
-        c = cooldown_start(cfg.schedule, steps, cfg.cooldown_fraction)
-        return {"mode": mode, "end_step": c, "schedule_total": None, "method_total": None, "from": "previous"}
-    if part != "final":
-        raise ValueError(f"part must be 'final' or 'trunk', got {part!r}")
-    if mode == "restart":
-        return {"mode": mode, "end_step": steps, "schedule_total": steps, "method_total": steps, "from": "base"}
-    if mode == "longest":
-        return {"mode": mode, "end_step": steps, "schedule_total": longest_steps, "method_total": longest_steps,
-                "from": "previous"}
-    if mode == "continue":
-        return {"mode": mode, "end_step": steps, "schedule_total": None, "method_total": None, "from": "previous"}
-    return {"mode": mode, "end_step": steps, "schedule_total": steps, "method_total": None, "from": "trunk"}
+def _continue_from(prev: Path, m: MethodConfig, base_dir, run_cfg: dict, plan: dict) -> StartPoint:
+    """The start of a job that continues the checkpoint ``prev`` (or, when the keep policy dropped
+    its training state, replays from the nearest earlier one of its chain that has it)."""
+    checkpoints.check_same_run(read_json(prev / "manifest.json").get("run_cfg", {}), run_cfg, prev, plan["mode"])
+    start = StartPoint()
+    loaded = checkpoints.load_origin(m, base_dir, prev, run_cfg, plan)
+    if loaded is not None:
+        origin, start.model, start.state, start.log = loaded
+        if start.state["step"] > plan["end_step"]:
+            raise ValueError(f"{origin} is at step {start.state['step']}, beyond this job's {plan['end_step']} steps")
+        if plan["mode"] == "longest" and start.state["schedule_total"] != plan["schedule_total"]:
+            raise ValueError(f"{origin} used a schedule of {start.state['schedule_total']} steps, "
+                             f"this run {plan['schedule_total']}")
+        start.state["schedule_total"] = plan["schedule_total"]
+        start.continued_from, start.continued_from_manifest = str(origin), keep.manifest_fingerprint(origin)
+    if start.continued_from != str(prev):
+        start.note = (f"the training state of {prev} was dropped by the keep policy: replayed from "
+                      f"{start.continued_from or 'the base'}")
+        log.info(start.note)
+    return start
 
 
-def _load_point(m: MethodConfig, base_dir, ckpt: Path, total_steps):
-    """Model (trainable), state and log of a checkpoint or resume folder."""
-    state = torch.load(ckpt / "state.pt", weights_only=True, mmap=True)
-    model = m.load(base_dir, ckpt, total_steps=total_steps)
-    m.load_extra_state(model, state.get("method", {}))
-    log = read_jsonl(ckpt / "train_log.jsonl") if (ckpt / "train_log.jsonl").exists() else []
-    return model, state, log
+def _start_point(job: _Job, *, snap: Path | None, prev_checkpoint_dir) -> StartPoint:
+    """Where a finetuning job starts: its own resume snapshot, the checkpoint it continues, or the
+    base with the method's fresh adapters (seeded with ``cfg.seed``)."""
+    m, cfg, base_dir, plan, run_cfg = job.m, job.cfg, job.base_dir, job.plan, job.run_cfg
+    start = None
+    if snap is not None:
+        start = checkpoints.read_snapshot(snap, m, base_dir, run_cfg, job.key, plan["method_total"],
+                                          is_main=job.dist.is_main)
+        if start is not None:
+            log.info(f"resuming {job.run_name or m.type} from its snapshot at step {start.resumed_from} ({snap})")
+    if start is None and prev_checkpoint_dir is not None and plan["from"] == "base":
+        start = StartPoint(note=f"not continued from {prev_checkpoint_dir}: the run's schedule depends on its "
+                                f"length (mode {plan['mode']!r}); trained from the base")
+    elif start is None and prev_checkpoint_dir is not None:
+        start = _continue_from(Path(prev_checkpoint_dir), m, base_dir, run_cfg, plan)
+    elif start is None and plan["from"] == "trunk":
+        raise ValueError("a cool-down branch needs its trunk checkpoint (prev_checkpoint_dir)")
+    start = start or StartPoint()
+    if start.state is None:
+        base = load_model(base_dir)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            start.model = m.prepare(base, total_steps=plan["method_total"])
+    if start.resumed_from is None:
+        start.segment_start = start.step
+    return start
 
 
-def _load_origin(m: MethodConfig, base_dir, prev: Path, run_cfg: dict, plan: dict):
-    """What a job continuing from ``prev`` starts from: ``(checkpoint, model, state, log)`` of
-    ``prev``, or, when the keep policy dropped its training state (learnforget.train.keep), of the
-    nearest earlier checkpoint of its chain (``continued_from`` in each manifest) that still
-    has it, intact and of the same run; None: none has, train from the base. Replaying the
-    steps in between gives the same weights as continuing (bitwise on CPU)."""
-    from learnforget.core import integrity
+def _train_job(job: _Job, start: StartPoint, *, snap: Path | None, tmp: Path, live_log: Path, progress: bool):
+    """Train the job from its start to its end step (snapshotting into ``snap`` when given);
+    returns ``(model, state, seconds)``."""
+    m, cfg, plan = job.m, job.cfg, job.plan
 
-    for _attempt in range(3):  # a concurrent job may drop a state between the check and the load
-        origin, seen = prev, set()
-        while origin is not None and not keep.has_training_state(origin):
-            seen.add(origin.resolve())
-            earlier = read_json(origin / "manifest.json").get("continued_from")
-            origin = Path(earlier) if earlier else None
-            if origin is None or origin.resolve() in seen or not (origin / "manifest.json").is_file():
-                origin = None
-                break
-            try:
-                integrity.verify(origin)
-                _check_same_run(read_json(origin / "manifest.json").get("run_cfg", {}), run_cfg, origin, plan["mode"])
-            except (integrity.CorruptCheckpoint, ValueError) as exc:
-                log_info(f"not replaying from {origin} ({exc}); training from the base")
-                origin = None
-                break
-        if origin is None:
-            return None
-        try:
-            return (origin, *_load_point(m, base_dir, origin, plan["method_total"]))
-        except FileNotFoundError:
-            if keep.has_training_state(origin):
-                raise
-    raise RuntimeError(f"the training state of {prev}'s chain kept disappearing while it was loaded")
+    def snapshot(model_now, state_now):
+        checkpoints.write_snapshot(snap, m, model_now, state_now, live_log, run_cfg=job.run_cfg, job=job.key,
+                                   start=start)
+
+    t0 = time.perf_counter()
+    model, new_state = train(start.model, job.batches, cfg, start_step=start.step, end_step=plan["end_step"],
+                             schedule_total=plan["schedule_total"], state=start.state, log_path=live_log,
+                             progress=progress, desc=f"{job.run_name or m.type} {job.part} {job.duration:g} {job.unit}",
+                             method=m, snapshot=snapshot if snap is not None else None, dist=job.dist,
+                             tensorboard_dir=tmp / "tensorboard" if cfg.tensorboard else None)
+    return model, new_state, time.perf_counter() - t0
 
 
-def _write_point(m: MethodConfig, model, state: dict, tmp: Path, tokenizer=None) -> None:
-    m.save(model, tmp / "model", tokenizer)
-    m.save_state(model, tmp)
-    torch.save({**state, "method": m.extra_state(model)}, tmp / "state.pt")
+def _finetune_manifest(job: _Job, model, *, start: StartPoint, new_state: dict, params: tuple[int, int],
+                       tokens_before: int, job_seconds: float, peak, live_log: Path, tmp: Path) -> dict:
+    """The checkpoint's manifest: the job, its run, what it continued from, speed, and the sha256
+    of every file written so far (the manifest is the checkpoint's integrity record)."""
+    m, cfg, plan, batches, dist = job.m, job.cfg, job.plan, job.batches, job.dist
+    trainable, total = params
+    base_cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    fpt = flops_per_token(base_cfg, cfg.seq_len)
+    job_tokens = new_state["tokens"] - tokens_before
+    return {
+        "kind": "finetune",
+        "run": job.run_name,
+        "part": job.part,
+        "mode": plan["mode"],
+        "run_cfg": job.run_cfg,
+        "method": m.to_dict(),
+        "is_adapter": m.is_adapter,
+        "regime": job.regime,
+        "duration": job.duration,
+        "unit": job.unit,
+        "step": new_state["step"],
+        "start_step": start.segment_start,
+        "resumed_from_step": start.resumed_from,
+        "schedule_total": plan["schedule_total"],
+        "steps_per_epoch": batches.steps_per_epoch,
+        "epochs_seen": new_state["step"] / batches.steps_per_epoch,
+        "tokens": new_state["tokens"],
+        "loss_tokens": new_state["loss_tokens"],
+        "continued_from": start.continued_from,
+        "continued_from_manifest": start.continued_from_manifest,
+        "note": start.note,
+        "job_train_seconds": round(job_seconds, 3),
+        "job_tokens": job_tokens,
+        **speed(job_tokens, job_seconds, fpt, peak),
+        "train_seconds_total": round(new_state["elapsed"], 3),
+        "final_loss": checkpoints.last_loss(live_log),
+        "parameters": {"trainable": trainable, "total": total},
+        "method_summary": m.summary(model),
+        "processes": dist.world,
+        "fsdp": dist.fsdp,
+        "device": str(dist.device),
+        "precision": cfg.precision,
+        "threads": cfg.threads,
+        **peak_memory_mib(dist.device),
+        "code_version": code_version(),
+        "versions": library_versions(),
+        "files": checkpoints.file_hashes(tmp),
+    }
 
 
-def _write_card(m: MethodConfig, model_dir: Path, *, base_dir, run, regime, token_dir, td, duration, unit, state,
-                epochs, part, cfg, final_loss) -> None:
-    """The adapter's model card (learnforget.core.modelcard): data, method, duration; no scores yet."""
-    from learnforget.core import modelcard
+def _write_checkpoint(job: _Job, tmp: Path, model, new_state: dict, tokenizer, *, live_log: Path,
+                      **manifest_args) -> dict:
+    """The published model, its resume files, the model card (adapters) and last the manifest,
+    into the checkpoint's temporary folder ``tmp``; returns the manifest."""
+    m = job.m
+    checkpoints.write_point(m, model, new_state, tmp, tokenizer)
+    if m.is_adapter:  # a model card replaces peft's template (before the manifest hashes the folder)
+        checkpoints.write_card(m, tmp / "model", base_dir=job.base_dir, run=job.run_name, regime=job.regime,
+                               token_dir=job.token_dir, td=job.td, duration=job.duration, unit=job.unit,
+                               state=new_state, epochs=new_state["step"] / job.batches.steps_per_epoch,
+                               part=job.part, cfg=job.cfg, final_loss=checkpoints.last_loss(live_log))
+    return _finetune_manifest(job, model, new_state=new_state, live_log=live_log, tmp=tmp, **manifest_args)
 
-    text = modelcard.training_card(
-        base_model=modelcard.base_model_of(model_dir, str(base_dir)), run=run, method=m.to_dict(), regime=regime,
-        dataset=Path(token_dir).name, data_meta=td.meta, duration=duration, unit=unit, step=state["step"],
-        tokens=state["tokens"], epochs=epochs, part=part, train=cfg.result_dict(), seed=cfg.seed,
-        final_loss=final_loss)
-    modelcard.write_card(model_dir, text)
+
+def _run_identity(m: MethodConfig, cfg: TrainConfig, *, base_dir, token_dir, regime: str, packing: bool, unit: str,
+                  durations: list[float]) -> dict:
+    """What makes a run itself (the manifest's ``run_cfg``): a job continues or resumes only a
+    checkpoint of the same run (:func:`learnforget.train.checkpoints.check_same_run`)."""
+    return {"base_dir": str(base_dir), "token_dir": str(token_dir), "regime": regime, "packing": packing,
+            "method": m.to_dict(), "train_cfg": cfg.result_dict(), "unit": unit, "durations": durations,
+            "tokens_sha256": checkpoints.dir_fingerprint(Path(token_dir), checkpoints.TOKEN_FILES),
+            "base_sha256": checkpoints.base_fingerprint(Path(base_dir))}
 
 
 def finetune(
@@ -596,7 +665,8 @@ def finetune(
     packing: bool = False,
     device: str = "cpu",
 ) -> dict:
-    """Train one job of a run (see :func:`plan_segment`) and write its checkpoint folder ``out_dir``.
+    """Train one job of a run (see :func:`~learnforget.train.settings.plan_segment`) and write its
+    checkpoint folder ``out_dir``.
 
     ``durations`` are all durations of the run (same unit). ``prev_checkpoint_dir`` is what the
     job continues from (the previous duration's checkpoint, or this duration's trunk); it is
@@ -609,84 +679,28 @@ def finetune(
     """
     wall0 = time.time()
     duration = float(duration)
-    cfg = TrainConfig.from_dict(train_cfg)
-    if seed is not None:
-        cfg = dataclasses.replace(cfg, seed=int(seed))
-    m = method if isinstance(method, MethodConfig) else method_from_dict(method)
+    cfg = _with_seed(train_cfg, seed)
+    m = as_method(method)
     torch.set_num_threads(cfg.threads)
     dist = Dist(device, method=m)
     durations = sorted({float(d) for d in (durations or [duration])} | {duration})
 
-    tokenizer = _load_tokenizer(base_dir)
+    tokenizer = load_tokenizer(base_dir)
     td = load_tokens(token_dir)
-    if td.eos_id is not None and td.eos_id != tokenizer.eos_token_id:
-        raise ValueError(f"tokens use eos id {td.eos_id} but the tokenizer's is {tokenizer.eos_token_id}")
+    _check_eos(td, tokenizer)
     batches = Batches(td, regime, cfg.batch_size, cfg.seq_len, seed=cfg.seed, pad_id=tokenizer.pad_token_id,
                       packing=packing, group_by_length=cfg.group_by_length)
-    steps = duration_to_steps(duration, unit, batches)
-    plan = plan_segment(cfg, m, part, steps, duration_to_steps(max(durations), unit, batches))
-    end_step, schedule_total = plan["end_step"], plan["schedule_total"]
-    run_cfg = {"base_dir": str(base_dir), "token_dir": str(token_dir), "regime": regime, "packing": packing,
-               "method": m.to_dict(), "train_cfg": cfg.result_dict(), "unit": unit, "durations": durations,
-               "tokens_sha256": _dir_fingerprint(Path(token_dir), ("ids.npy", "mask.npy", "offsets.npy")),
-               "base_sha256": _base_fingerprint(Path(base_dir))}
-    job = {"part": part, "end_step": end_step, "schedule_total": schedule_total}
-
-    state, prev_log, continued_from, resumed_from, note, seg_start = None, [], None, None, None, None
-    continued_fp = None  # sha256 of the manifest of the checkpoint continued from (learnforget.train.keep)
+    # this job's place in the run's schedule
+    plan = plan_segment(cfg, m, part, duration_to_steps(duration, unit, batches),
+                        duration_to_steps(max(durations), unit, batches))
+    run_cfg = _run_identity(m, cfg, base_dir=base_dir, token_dir=token_dir, regime=regime, packing=packing,
+                            unit=unit, durations=durations)
+    job = _Job(m, cfg, dist, plan, run_cfg, batches, td, base_dir, token_dir, regime, duration, unit, part, run_name)
     snap = Path(resume_dir) if resume_dir is not None else None
-    if snap is not None and (snap / "job.json").exists():
-        saved = read_json(snap / "job.json")
-        if saved.get("run_cfg") == run_cfg and saved.get("job") == job:
-            model, state, prev_log = _load_point(m, base_dir, snap, plan["method_total"])
-            resumed_from = int(state["step"])
-            continued_from, seg_start = saved.get("continued_from"), saved.get("start_step")
-            continued_fp, note = saved.get("continued_from_manifest"), saved.get("note")
-            log_info(f"resuming {run_name or m.type} from its snapshot at step {resumed_from} ({snap})")
-        elif dist.is_main:
-            log_info(f"ignoring the snapshot in {snap}: it belongs to another job or configuration")
-            shutil.rmtree(snap)
-    if state is None and prev_checkpoint_dir is not None and plan["from"] == "base":
-        note = (f"not continued from {prev_checkpoint_dir}: the run's schedule depends on its length "
-                f"(mode {plan['mode']!r}); trained from the base")
-    elif state is None and prev_checkpoint_dir is not None:
-        prev = Path(prev_checkpoint_dir)
-        _check_same_run(read_json(prev / "manifest.json").get("run_cfg", {}), run_cfg, prev, plan["mode"])
-        loaded = _load_origin(m, base_dir, prev, run_cfg, plan)
-        if loaded is not None:
-            origin, model, state, prev_log = loaded
-            if state["step"] > end_step:
-                raise ValueError(f"{origin} is at step {state['step']}, beyond this job's {end_step} steps")
-            if plan["mode"] == "longest" and state["schedule_total"] != schedule_total:
-                raise ValueError(f"{origin} used a schedule of {state['schedule_total']} steps, "
-                                 f"this run {schedule_total}")
-            state["schedule_total"] = schedule_total
-            continued_from, continued_fp = str(origin), keep.manifest_fingerprint(origin)
-        if continued_from != str(prev):
-            note = (f"the training state of {prev} was dropped by the keep policy: replayed from "
-                    f"{continued_from or 'the base'}")
-            log_info(note)
-    elif state is None and plan["from"] == "trunk":
-        raise ValueError("a cool-down branch needs its trunk checkpoint (prev_checkpoint_dir)")
-    if state is None:
-        base = load_model(base_dir)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model = m.prepare(base, total_steps=plan["method_total"])
-    trainable, total = count_parameters(model)
-    start_step = state["step"] if state else 0
-    tokens_before = state["tokens"] if state else 0
-    seg_start = start_step if resumed_from is None else seg_start
+    start = _start_point(job, snap=snap, prev_checkpoint_dir=prev_checkpoint_dir)
 
-    def snapshot(model_now, state_now):
-        with atomic_path(snap) as tmp:
-            tmp.mkdir()
-            _write_point(m, model_now, state_now, tmp)
-            shutil.copyfile(live_log, tmp / "train_log.jsonl")
-            write_json(tmp / "job.json", {"run_cfg": run_cfg, "job": job, "continued_from": continued_from,
-                                          "continued_from_manifest": continued_fp, "note": note,
-                                          "start_step": seg_start})
-
+    params = count_parameters(start.model)  # (trainable, total) as prepared
+    tokens_before = start.tokens
     peak = measured_peak_flops(dist.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32) \
         if dist.is_main else None
     out_dir = Path(out_dir)
@@ -694,78 +708,19 @@ def finetune(
         tmp = stack.enter_context(atomic_path(out_dir)) if dist.is_main else Path(tempfile.mkdtemp())
         tmp.mkdir(exist_ok=True)
         live_log = tmp / "train_log.jsonl"
-        live_log.write_text("".join(json.dumps(r) + "\n" for r in prev_log if r["step"] <= start_step))
-        t0 = time.perf_counter()
-        model, new_state = train(model, batches, cfg, start_step=start_step, end_step=end_step,
-                                 schedule_total=schedule_total, state=state, log_path=live_log, progress=progress,
-                                 desc=f"{run_name or m.type} {part} {duration:g} {unit}", method=m,
-                                 snapshot=snapshot if snap is not None else None, dist=dist,
-                                 tensorboard_dir=tmp / "tensorboard" if cfg.tensorboard else None)
-        job_seconds = time.perf_counter() - t0
+        live_log.write_text("".join(json.dumps(r) + "\n" for r in start.log if r["step"] <= start.step))
+
+        model, new_state, job_seconds = _train_job(job, start, snap=snap, tmp=tmp, live_log=live_log,
+                                                   progress=progress)
         if not dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             dist.barrier()
             return {}
-        _write_point(m, model, new_state, tmp, tokenizer)
-        if m.is_adapter:  # a model card replaces peft's template (before the manifest hashes the folder)
-            _write_card(m, tmp / "model", base_dir=base_dir, run=run_name, regime=regime, token_dir=token_dir,
-                        td=td, duration=duration, unit=unit, state=new_state, epochs=new_state["step"] /
-                        batches.steps_per_epoch, part=part, cfg=cfg, final_loss=_last_loss(live_log))
-        base_cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-        fpt = flops_per_token(base_cfg, cfg.seq_len)
-        job_tokens = new_state["tokens"] - tokens_before
-        manifest = {
-            "kind": "finetune",
-            "run": run_name,
-            "part": part,
-            "mode": plan["mode"],
-            "run_cfg": run_cfg,
-            "method": m.to_dict(),
-            "is_adapter": m.is_adapter,
-            "regime": regime,
-            "duration": duration,
-            "unit": unit,
-            "step": new_state["step"],
-            "start_step": seg_start,
-            "resumed_from_step": resumed_from,
-            "schedule_total": schedule_total,
-            "steps_per_epoch": batches.steps_per_epoch,
-            "epochs_seen": new_state["step"] / batches.steps_per_epoch,
-            "tokens": new_state["tokens"],
-            "loss_tokens": new_state["loss_tokens"],
-            "continued_from": continued_from,
-            "continued_from_manifest": continued_fp,
-            "note": note,
-            "job_train_seconds": round(job_seconds, 3),
-            "job_tokens": job_tokens,
-            **speed(job_tokens, job_seconds, fpt, peak),
-            "train_seconds_total": round(new_state["elapsed"], 3),
-            "final_loss": _last_loss(live_log),
-            "parameters": {"trainable": trainable, "total": total},
-            "method_summary": m.summary(model),
-            "processes": dist.world,
-            "fsdp": dist.fsdp,
-            "device": str(dist.device),
-            "precision": cfg.precision,
-            "threads": cfg.threads,
-            **peak_memory_mib(dist.device),
-            "code_version": _code_version(),
-            "versions": _versions(),
-            "files": _file_hashes(tmp),
-        }
+        manifest = _write_checkpoint(job, tmp, model, new_state, tokenizer, live_log=live_log, start=start,
+                                     params=params, tokens_before=tokens_before, job_seconds=job_seconds, peak=peak)
         manifest["job_wall_seconds"] = round(time.time() - wall0, 3)
         write_json(tmp / "manifest.json", manifest)
     dist.barrier()
     if snap is not None and snap.exists():
         shutil.rmtree(snap)
     return manifest
-
-
-def _check_same_run(prev: dict, now: dict, where: Path, mode: str) -> None:
-    for key in ("regime", "packing", "method", "train_cfg", "unit", "tokens_sha256", "base_sha256"):
-        if prev.get(key) != now.get(key):
-            raise ValueError(f"cannot continue from {where}: its {key} differs "
-                             f"({prev.get(key)!r} there, {now.get(key)!r} here)")
-    if mode == "longest" and prev.get("durations") != now.get("durations"):
-        raise ValueError(f"cannot continue from {where}: its schedule spans durations {prev.get('durations')}, "
-                         f"this one {now.get('durations')}")

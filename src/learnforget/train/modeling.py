@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-# transformers is imported where a model is built or loaded: validating a config (every
-# Snakemake start, `learnforget validate`) needs only validate_arch and stays fast.
+# torch and transformers are imported where a model is built or loaded: validating a config
+# (every Snakemake start, `learnforget validate`) and the memory planner need only
+# validate_arch and the counts, and stay fast.
 
 # arch keys and their defaults (None: required)
 ARCH_DEFAULTS = {
@@ -83,6 +83,7 @@ def llama_config(arch: dict, tokenizer) -> LlamaConfig:
 
 def build_model(arch: dict, tokenizer, seed: int = 0) -> LlamaForCausalLM:
     """A freshly initialised float32 Llama; the init depends only on ``seed`` (global RNG untouched)."""
+    import torch  # lazy: keeps torch out of config validation and the planner
     from transformers import LlamaForCausalLM
 
     config = llama_config(arch, tokenizer)
@@ -94,6 +95,7 @@ def build_model(arch: dict, tokenizer, seed: int = 0) -> LlamaForCausalLM:
 
 def load_model(path: str | Path) -> LlamaForCausalLM:
     """Load an HF model dir as float32 with SDPA attention."""
+    import torch  # lazy: keeps torch out of config validation and the planner
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")

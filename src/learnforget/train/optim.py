@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-OPTIMIZERS = ("adamw", "lion")
+from learnforget.train.settings import OPTIMIZERS
 
 
 class Lion(torch.optim.Optimizer):

@@ -1,5 +1,6 @@
 """Training settings: the ``train`` section of a run (:class:`TrainConfig`), the duration units and
-modes, and which keys are runtime-only. Read by config validation, the planner and the loop."""
+modes, which keys are runtime-only, and where each job of a run starts and ends
+(:func:`plan_segment`). Read by config validation, the planner and the loop; no torch here."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from learnforget.train.methods import MethodConfig
-from learnforget.train.optim import OPTIMIZERS
-from learnforget.train.schedules import SCHEDULES, has_cooldown, length_independent, make_schedule
+from learnforget.train.schedules import SCHEDULES, cooldown_start, has_cooldown, length_independent, make_schedule
 
 UNITS = ("epochs", "tokens", "steps")
+# The optimizers learnforget.train.optim.make_optimizer builds (named here, without torch).
+OPTIMIZERS = ("adamw", "lion")
 SCHEDULE_LENGTHS = ("duration", "longest")
 PRECISIONS = ("fp32", "bf16")
 # Settings that change how a job runs but not what it computes: excluded from the comparison
@@ -191,3 +193,32 @@ class TrainConfig:
         """The multiplier ``step -> float``; ``total_steps=None`` is the trunk alone."""
         return make_schedule(self.schedule, warmup_steps=self.warmup_for(total_steps), total_steps=total_steps,
                              min_lr_ratio=self.min_lr_ratio, cooldown_fraction=self.cooldown_fraction)
+
+
+# ----------------------------------------------------------------------------- jobs of a run
+def plan_segment(cfg: TrainConfig, method: MethodConfig, part: str, steps: int, longest_steps: int) -> dict:
+    """Where one job of a run starts and ends.
+
+    ``part`` is ``"final"`` (the evaluated checkpoint of a duration of ``steps`` steps) or
+    ``"trunk"`` (mode ``branch`` only: the shared trunk up to that duration's cool-down start).
+    Returns ``end_step``, ``schedule_total`` (None: the length-independent trunk),
+    ``method_total`` (what :meth:`MethodConfig.prepare` gets) and ``from``: what the job
+    continues from, one of ``base``, ``previous`` (the previous duration's checkpoint of the
+    same part) or ``trunk`` (this duration's own trunk).
+    """
+    mode = cfg.mode(method)
+    if part == "trunk":
+        if mode != "branch":
+            raise ValueError(f"a trunk job needs a schedule with a cool-down (mode 'branch'), not {mode!r}")
+        c = cooldown_start(cfg.schedule, steps, cfg.cooldown_fraction)
+        return {"mode": mode, "end_step": c, "schedule_total": None, "method_total": None, "from": "previous"}
+    if part != "final":
+        raise ValueError(f"part must be 'final' or 'trunk', got {part!r}")
+    if mode == "restart":
+        return {"mode": mode, "end_step": steps, "schedule_total": steps, "method_total": steps, "from": "base"}
+    if mode == "longest":
+        return {"mode": mode, "end_step": steps, "schedule_total": longest_steps, "method_total": longest_steps,
+                "from": "previous"}
+    if mode == "continue":
+        return {"mode": mode, "end_step": steps, "schedule_total": None, "method_total": None, "from": "previous"}
+    return {"mode": mode, "end_step": steps, "schedule_total": steps, "method_total": None, "from": "trunk"}
