@@ -8,9 +8,10 @@ from typing import Mapping
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from learnforget.report.figures.style import STYLE, axis_label, draw_series, run_styles, save, subplots
+from learnforget.report.figures.style import (STYLE, axis_label, draw_series, finish_duration_axes, run_styles, save,
+                                              subplots)
 from learnforget.report.registry import FigureInputs
-from learnforget.report.tables import (base_value, drop_intervals, duration_curves, fmt_duration, higher_is_better, metric_table,
+from learnforget.report.tables import (base_value, drop_intervals, duration_curves, higher_is_better, metric_table,
                                        panel_title, resolve_learning, run_method_types, run_methods, run_settings)
 
 
@@ -60,12 +61,7 @@ def _plot_curves(metrics, data, spec_for, out_dir, name, title, duration_labels,
             ax.set_xlabel((duration_labels or {}).get(reg, (duration_labels or {}).get(key[0], "training duration")))
             if not higher_is_better(metrics, spec):
                 ax.invert_yaxis()
-            durs = sorted({p[0] for pts in panel.values() for p in pts})
-            if len(durs) <= 10:
-                ax.set_xticks(durs)
-                ax.set_xticklabels([fmt_duration(d) for d in durs])
-            ax.margins(x=0.06, y=0.12)
-            ax.legend(loc="best")
+            finish_duration_axes(ax, panel)
         fig.suptitle(title, fontsize=12, y=1.01)
         fig.tight_layout()
         return save(fig, out_dir, name)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from learnforget.report.figures.style import STYLE, draw_series, run_styles, save
+from learnforget.report.figures.style import STYLE, draw_series, finish_duration_axes, run_styles, save
 from learnforget.report.registry import FigureInputs
-from learnforget.report.tables import (base_value, drop_intervals, duration_curves, fmt_duration, metric_table, run_method_types,
+from learnforget.report.tables import (base_value, drop_intervals, duration_curves, metric_table, run_method_types,
                                        run_methods)
 
 DIVERSITY_METRICS = (("distinct", "distinct solutions per problem"),
@@ -59,12 +59,7 @@ def diversity(metrics: pd.DataFrame, out_dir, *, name: str = "diversity", return
                 ax.set_title(task)
                 ax.set_xlabel("training duration")
                 ax.set_ylabel(dict(DIVERSITY_METRICS)[metric])
-                durs = sorted({p[0] for pts in panel.values() for p in pts})
-                if len(durs) <= 10:
-                    ax.set_xticks(durs)
-                    ax.set_xticklabels([fmt_duration(d) for d in durs])
-                ax.margins(x=0.06, y=0.12)
-                ax.legend(loc="best")
+                finish_duration_axes(ax, panel)
         fig.suptitle("Generation diversity vs training duration (sampled completions per problem)",
                      fontsize=12, y=1.01)
         fig.tight_layout()

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from learnforget.core.io import atomic_path  # noqa: E402
-from learnforget.report.tables import higher_is_better, is_full_finetuning, spec_label  # noqa: E402
+from learnforget.report.tables import fmt_duration, higher_is_better, is_full_finetuning, spec_label  # noqa: E402
 
 STYLE = {
     "figure.facecolor": "white",
@@ -144,3 +144,13 @@ def draw_series(ax, panel, styles, methods, hline_base: bool):
         if hline_base:
             ax.axhline(by, color="#555555", linestyle=":", linewidth=1.0, zorder=1)
         ax.plot([bx], [by], linestyle="none", label="base model", **BASE_STYLE)
+
+
+def finish_duration_axes(ax, panel) -> None:
+    """A curve panel's x axis: the durations as ticks (when there are few), margins, legend."""
+    durs = sorted({p[0] for pts in panel.values() for p in pts})
+    if len(durs) <= 10:
+        ax.set_xticks(durs)
+        ax.set_xticklabels([fmt_duration(d) for d in durs])
+    ax.margins(x=0.06, y=0.12)
+    ax.legend(loc="best")
